@@ -1,0 +1,323 @@
+"""Packed checkpoints: real size reduction of a fake-quantized model.
+
+File layout (safetensors):
+
+- every quantized weight ``<layer>.weight`` is replaced by
+  ``<layer>.weight.qsched_codes`` (int8 codes for 8 bits; for 4 bits the codes
+  ``+8`` as nibbles, two per byte, low nibble first, in a flat uint8 tensor) and
+  ``<layer>.weight.qsched_scale`` (fp32 ``[out, n_groups]``);
+- every other state-dict tensor is stored as is, in its own dtype;
+- the header metadata holds ``format`` (``"qsched.packed"``), ``format_version``,
+  the recipe (JSON) and per quantized layer its bits, shape and dtype.
+
+:func:`load_packed` rebuilds the identical fake-quant model (bit-identical
+weights, same activation hooks) in a freshly loaded model of the same
+architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qsched.errors import QSchedError
+from qsched.quant.fake import (
+    _MARKER,
+    RECIPE_ATTR,
+    SCALE_BUFFER,
+    LayerPlan,
+    attach,
+    build_report,
+    dequantize_weight,
+    plan_layers,
+    qmax,
+    refuse_quantized,
+)
+from qsched.quant.recipe import QuantRecipe
+from qsched.quant.report import QuantReport
+
+FORMAT = "qsched.packed"
+FORMAT_VERSION = "1"
+CODES_SUFFIX = ".qsched_codes"
+SCALE_SUFFIX = ".qsched_scale"
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes in [-8, 7] -> flat uint8, two per byte (low nibble first)."""
+    flat = (codes.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes, flat, ``numel`` long."""
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=1).reshape(-1)[:numel]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _quantized_plans(model: nn.Module) -> tuple[QuantRecipe, list[LayerPlan]]:
+    marked = [(n, m) for n, m in model.named_modules() if hasattr(m, _MARKER)]
+    if not marked:
+        raise QSchedError("the model is not quantized; call qsched.quant.quantize(model, recipe) first")
+    backends = {getattr(m, _MARKER).backend for _, m in marked}
+    if backends != {"fake"}:
+        raise QSchedError(
+            f"save_packed needs a model quantized with backend='fake', this one used {sorted(backends)}"
+        )
+    recipe = getattr(model, RECIPE_ATTR, None)
+    if not isinstance(recipe, QuantRecipe):
+        raise QSchedError("the model lacks its quantization recipe; quantize it with qsched.quant.quantize")
+    return recipe, [p for p in plan_layers(model, recipe)[0] if p.quantizes_weight]
+
+
+def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write the fake-quantized ``model`` to ``path`` as packed integers + scales.
+
+    The file is written to a temporary name and renamed, so a failure leaves no
+    partial file.
+    """
+    path = Path(path)
+    recipe, plans = _quantized_plans(model)
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        weight = plan.module.weight.detach()
+        scale = getattr(plan.module, SCALE_BUFFER).detach().float().cpu()
+        out, groups = scale.shape
+        m = qmax(plan.weight_bits)
+        codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(-m, m)
+        if not torch.equal(dequantize_weight(codes, scale, shape=weight.shape, dtype=weight.dtype), weight.cpu()):
+            raise QSchedError(
+                f"layer {plan.name!r}: its weight is no longer on the quantization grid "
+                "(modified after quantize?); re-quantize from the full-precision model"
+            )
+        codes = codes.to(torch.int8)
+        key = f"{plan.name}.weight" if plan.name else "weight"
+        tensors[key + CODES_SUFFIX] = pack_int4(codes) if plan.weight_bits == 4 else codes.reshape(-1)
+        tensors[key + SCALE_SUFFIX] = scale.contiguous()
+        layers[key] = {"bits": plan.weight_bits, "shape": list(weight.shape), "dtype": _dtype_name(weight.dtype)}
+        state.pop(key)
+    seen: set[tuple[int, int]] = set()
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+        tensors[key] = value.clone() if ident in seen else value
+        seen.add(ident)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "recipe": json.dumps(recipe.to_dict()),
+        "layers": json.dumps(layers),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], Any]:
+    if not path.is_file():
+        raise QSchedError(f"packed checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise QSchedError(f"packed checkpoint {str(path)!r} is corrupt or truncated: {exc}") from exc
+    meta = handle.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise QSchedError(
+            f"{str(path)!r} is not a qsched packed checkpoint (metadata format is "
+            f"{meta.get('format')!r}, expected {FORMAT!r})"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise QSchedError(
+            f"packed checkpoint {str(path)!r} has format version {meta.get('format_version')!r}; "
+            f"this qsched reads version {FORMAT_VERSION}; use a matching qsched version"
+        )
+    return meta, handle
+
+
+def _json_meta(path: Path, meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise QSchedError(f"packed checkpoint {str(path)!r}: header field {key!r} missing or not JSON") from exc
+
+
+def read_packed_recipe(path: str | os.PathLike[str]) -> QuantRecipe:
+    """The recipe stored in a packed checkpoint's header."""
+    path = Path(path)
+    meta, _ = _read_header(path)
+    return _recipe_of(path, meta)
+
+
+def _recipe_of(path: Path, meta: dict[str, str]) -> QuantRecipe:
+    try:
+        return QuantRecipe.from_dict(_json_meta(path, meta, "recipe"))
+    except QSchedError as exc:
+        raise QSchedError(f"packed checkpoint {str(path)!r}: bad recipe: {exc}") from exc
+
+
+def _list(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def load_packed(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
+    """Load a packed checkpoint into a full-precision ``model`` of the same architecture.
+
+    The result is the identical fake-quant model :func:`save_packed` saw. All
+    checks run before the model is touched.
+    """
+    path = Path(path)
+    meta, handle = _read_header(path)
+    recipe = _recipe_of(path, meta)
+    layers = _json_meta(path, meta, "layers")
+    refuse_quantized(model)
+    all_plans, unmatched = plan_layers(model, recipe)
+    plans = {(f"{p.name}.weight" if p.name else "weight"): p for p in all_plans if p.quantizes_weight}
+    state = model.state_dict()
+    expected = [k for k in state if k not in plans]
+    expected += [k + s for k in plans for s in (CODES_SUFFIX, SCALE_SUFFIX)]
+    found = set(handle.keys())
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(found - set(expected))
+    if missing or unexpected or set(layers) != set(plans):
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_list(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_list(unexpected)}")
+        if not problems:
+            problems.append("its quantized-layer list does not match the model")
+        raise QSchedError(
+            f"packed checkpoint {str(path)!r} does not match this model ({'; '.join(problems)}); "
+            "load it into the architecture it was saved from"
+        )
+    try:
+        loaded = {k: handle.get_tensor(k) for k in expected}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise QSchedError(f"packed checkpoint {str(path)!r} is corrupt or truncated: {exc}") from exc
+    new_state: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for key, ref in state.items():
+        if key not in plans:
+            if loaded[key].shape != ref.shape:
+                raise QSchedError(
+                    f"packed checkpoint {str(path)!r}: shape mismatch for {key!r}: file "
+                    f"{tuple(loaded[key].shape)}, model {tuple(ref.shape)}"
+                )
+            new_state[key] = loaded[key]
+            continue
+        plan, info = plans[key], layers[key]
+        shape = tuple(ref.shape)
+        numel = math.prod(shape)
+        out, groups = shape[0], numel // (shape[0] * plan.group_size)
+        codes, scale = loaded[key + CODES_SUFFIX], loaded[key + SCALE_SUFFIX]
+        want_codes = (numel + 1) // 2 if plan.weight_bits == 4 else numel
+        if (
+            list(shape) != info.get("shape")
+            or info.get("bits") != plan.weight_bits
+            or tuple(scale.shape) != (out, groups)
+            or scale.dtype != torch.float32
+            or codes.dim() != 1
+            or codes.numel() != want_codes
+            or codes.dtype != (torch.uint8 if plan.weight_bits == 4 else torch.int8)
+        ):
+            raise QSchedError(
+                f"packed checkpoint {str(path)!r}: layer {key!r} does not match the model "
+                f"(file {info.get('bits')}-bit shape {info.get('shape')}, scale {tuple(scale.shape)}; "
+                f"model shape {list(shape)}, {plan.weight_bits}-bit, scale {(out, groups)})"
+            )
+        if plan.weight_bits == 4:
+            codes = unpack_int4(codes, numel)
+        new_state[key] = dequantize_weight(codes, scale, shape=shape, dtype=ref.dtype)
+        scales[key] = scale
+    model.load_state_dict(new_state, strict=True)
+    for plan in all_plans:
+        if plan.quantizes_weight or plan.act_bits < 16:
+            key = f"{plan.name}.weight" if plan.name else "weight"
+            attach(plan, scale=scales.get(key), backend="fake")
+    setattr(model, RECIPE_ATTR, recipe)
+    return build_report(all_plans, recipe, backend="fake", unmatched=unmatched)
+
+
+@dataclass(frozen=True)
+class PackedSize:
+    """Bytes of a packed checkpoint vs the same tensors stored densely."""
+
+    path: str
+    file_bytes: int
+    fp32_bytes: int
+    fp16_bytes: int
+
+    @property
+    def ratio_vs_fp32(self) -> float:
+        return self.fp32_bytes / self.file_bytes
+
+    @property
+    def ratio_vs_fp16(self) -> float:
+        return self.fp16_bytes / self.file_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "file_bytes": self.file_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "fp16_bytes": self.fp16_bytes,
+            "ratio_vs_fp32": self.ratio_vs_fp32,
+            "ratio_vs_fp16": self.ratio_vs_fp16,
+        }
+
+    def format(self) -> str:
+        return (
+            f"{self.path}: {self.file_bytes:,} bytes on disk; "
+            f"FP32 {self.fp32_bytes:,} ({self.ratio_vs_fp32:.2f}x smaller), "
+            f"FP16 {self.fp16_bytes:,} ({self.ratio_vs_fp16:.2f}x smaller)"
+        )
+
+
+def packed_size(path: str | os.PathLike[str]) -> PackedSize:
+    """Size on disk of a packed checkpoint vs the tensor bytes of the same model in FP32 and FP16.
+
+    The dense baselines count tensor data only (no header): floating tensors at 4
+    or 2 bytes per value, other tensors at their own size.
+    """
+    path = Path(path)
+    meta, handle = _read_header(path)
+    layers = _json_meta(path, meta, "layers")
+    fp32 = fp16 = 0
+    for key in handle.keys():
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        if key.endswith(CODES_SUFFIX):
+            numel = math.prod(layers[key.removesuffix(CODES_SUFFIX)]["shape"])
+            fp32, fp16 = fp32 + 4 * numel, fp16 + 2 * numel
+            continue
+        sl = handle.get_slice(key)
+        numel = math.prod(sl.get_shape())
+        dtype = sl.get_dtype()
+        if dtype.startswith(("F", "BF")):
+            fp32, fp16 = fp32 + 4 * numel, fp16 + 2 * numel
+        else:
+            size = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}.get(dtype, 1) * numel
+            fp32, fp16 = fp32 + size, fp16 + size
+    return PackedSize(str(path), path.stat().st_size, fp32, fp16)
