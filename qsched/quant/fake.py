@@ -260,7 +260,7 @@ def quantize(model: nn.Module, recipe: QuantRecipe, *, backend: str = "fake") ->
     else:
         from qsched.quant.backends import apply_backend
 
-        apply_backend(backend, model, recipe, plans)
+        plans = apply_backend(backend, model, recipe, plans)
     if not recipe.is_noop:
         setattr(model, RECIPE_ATTR, recipe)
     return build_report(plans, recipe, backend=backend, unmatched=unmatched)
