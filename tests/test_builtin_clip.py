@@ -1,0 +1,102 @@
+"""The built-in CLIP format: offline tokenizer, save/load, torchmetrics CLIPScore and CLIP-IQA."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from qsched.builtin import clip as C
+from qsched.builtin import degrade as D
+from qsched.errors import QSchedError
+
+TINY = C.ClipSpec(vision_width=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_width=32, text_layers=1, text_heads=2, text_mlp=64, projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    tokenizer = C.build_tokenizer(C.vocabulary_words(), max_length=TINY.max_text_length)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    C.save_clip(C.new_clip(TINY, tokenizer), C.build_processor(tokenizer), path)
+    return path
+
+
+def test_tokenizer_gives_known_words_one_token_and_still_reads_any_text() -> None:
+    tok = C.build_tokenizer(["photo", "noisy", "sneaker"], max_length=16)
+    ids = tok("A noisy photo of a sneaker")["input_ids"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[0] == C.BOS and tokens[-1] == C.EOS
+    assert {"noisy</w>", "photo</w>", "sneaker</w>"} <= set(tokens)
+    odd = tok.convert_ids_to_tokens(tok("zebra-like ÜBER 42!")["input_ids"])
+    assert tok.unk_token not in odd[1:-1] and len(odd) > 5  # unknown text falls back to byte symbols
+    long = tok(" ".join(["photo"] * 40), truncation=True)["input_ids"]
+    assert len(long) == 16
+
+
+def test_saved_folder_loads_with_plain_transformers_classes(tiny_clip: Path) -> None:
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(tiny_clip)
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    out = model(**processor(text=["a photo of a coat"], images=[torch.zeros(1, 32, 32, dtype=torch.uint8)], return_tensors="pt", padding=True))
+    assert out.logits_per_image.shape == (1, 1)
+
+
+def test_processor_matches_the_training_normalisation(tiny_clip: Path) -> None:
+    _, processor = C.load_builtin_clip(tiny_clip)
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    via_processor = processor(images=list(x), return_tensors="pt")["pixel_values"]
+    assert torch.allclose(via_processor, C.to_pixel_values(x.float() / 255), atol=1e-6)
+
+
+def test_missing_or_corrupt_files_are_named(tiny_clip: Path, tmp_path: Path) -> None:
+    with pytest.raises(QSchedError, match="does not exist"):
+        C.load_builtin_clip(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_clip.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(QSchedError, match="model.safetensors"):
+        C.load_builtin_clip(broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(QSchedError, match="tokenizer.json"):
+        C.load_builtin_clip(broken)
+
+
+def test_torchmetrics_clip_score_and_clip_iqa_run_on_it(tiny_clip: Path) -> None:
+    from torchmetrics.multimodal import CLIPImageQualityAssessment, CLIPScore
+
+    factory = functools.partial(C.load_builtin_clip, tiny_clip)
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    score = CLIPScore(model_name_or_path=factory)
+    score.update(images, ["a photo of a coat", "a sneaker", "an ankle boot"])
+    assert torch.isfinite(score.compute())
+    iqa = CLIPImageQualityAssessment(model_name_or_path=factory, data_range=1.0, prompts=tuple(C.QUALITY_PROMPTS.values()))
+    iqa.update(images)
+    result = iqa.compute()
+    assert set(result) == {f"user_defined_{i}" for i in range(len(C.QUALITY_PROMPTS))}
+    assert all(((v >= 0) & (v <= 1)).all() and v.shape == (3,) for v in result.values())
+    builtin_words = CLIPImageQualityAssessment(model_name_or_path=factory, data_range=1.0, prompts=("quality", "noisiness"))
+    builtin_words.update(images)
+    assert set(builtin_words.compute()) == {"quality", "noisiness"}
+
+
+def test_degradations_keep_range_and_claims_are_consistent() -> None:
+    x = torch.rand(4, 1, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    for kind in D.KINDS:
+        for u in (0.0, 0.3, 1.0):
+            y = D.degrade(x, kind, u, generator=gen)
+            assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert torch.equal(D.degrade(x, "blur", 0.8), D.degrade(x, "blur", 0.8))
+    table = D.claim_table()
+    assert table[D.CLAIM_NAMES.index("good"), 0, 0] and not table[D.CLAIM_NAMES.index("good"), D.KINDS.index("noise"), 1]
+    assert table[D.CLAIM_NAMES.index("very_noisy"), D.KINDS.index("blotch"), 2]
+    assert not table[D.CLAIM_NAMES.index("very_noisy"), D.KINDS.index("blotch"), 1]
+    with pytest.raises(QSchedError, match="allowed"):
+        D.degrade(x, "jpeg", 0.5)
+    with pytest.raises(QSchedError, match=r"\[0, 1\]"):
+        D.degrade(x, "noise", 1.5)

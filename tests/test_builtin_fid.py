@@ -1,0 +1,103 @@
+"""FID of the built-in world: torchmetrics plumbing, reference statistics cache and its guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qsched.builtin import fid as FID
+from qsched.builtin.effnet import EffNetFeatures
+from qsched.errors import QSchedError
+
+
+class PooledPixels(torch.nn.Module):
+    """A cheap 16-d feature extractor (4x4 average pooling) for the plumbing tests."""
+
+    num_features = 16
+
+    def identity(self) -> str:
+        return "pooled-pixels-4x4"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 4).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def extractor() -> PooledPixels:
+    return PooledPixels()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    from qsched.builtin.data import load_split
+
+    return torch.from_numpy(load_split("test").images[:48]).unsqueeze(1)
+
+
+def test_effnet_stats_carry_the_extractor_identity(images) -> None:
+    effnet = EffNetFeatures(resolution=64)  # small input keeps the test fast; the shipped stats use 128
+    ref = FID.compute_stats(effnet, images[:8], progress=False)
+    assert ref.mean.shape == (1280,) and ref.cov.shape == (1280, 1280) and ref.count == 8
+    assert ref.extractor == effnet.identity() and "res64" in ref.extractor
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_not(extractor, images) -> None:
+    ref = FID.compute_stats(extractor, images, progress=False)
+    assert FID.fid(images, reference=ref, extractor=extractor) == pytest.approx(0.0, abs=1e-2)
+    darker = (images.float() * 0.6).round().to(torch.uint8)
+    shifted = FID.fid(darker, reference=ref, extractor=extractor)
+    other = FID.fid(torch.from_numpy(__import__("numpy").roll(images.numpy(), 8, axis=-1)), reference=ref, extractor=extractor)
+    assert shifted > 1e-3 and other > 1e-3
+
+
+def test_metric_keeps_the_reference_across_reset(extractor, images) -> None:
+    ref = FID.compute_stats(extractor, images[:24], progress=False)
+    metric = FID.fid_metric(reference=ref, extractor=extractor)
+    metric.update(images[24:], real=False)
+    first = float(metric.compute())
+    metric.reset()
+    metric.update(images[24:], real=False)
+    assert float(metric.compute()) == pytest.approx(first, rel=1e-6)
+    assert int(metric.real_features_num_samples) == 24
+
+
+def test_stats_round_trip_and_mismatch_detection(extractor, images, tmp_path) -> None:
+    ref = FID.compute_stats(extractor, images, progress=False)
+    path = FID.save_stats(ref, tmp_path / "ref.safetensors")
+    back = FID.load_stats(path, data_hash=ref.data_hash, extractor=extractor.identity())
+    assert back.count == ref.count == 48 and back.data_hash == FID.images_hash(images)
+    assert torch.equal(back.mean, ref.mean)
+    assert torch.allclose(back.cov, ref.cov, rtol=1e-5, atol=1e-9) and torch.equal(back.cov, back.cov.T)
+    with pytest.raises(QSchedError, match="other data"):
+        FID.load_stats(path, data_hash="0" * 16)
+    with pytest.raises(QSchedError, match="another extractor"):
+        FID.load_stats(path, extractor="effnet-lite0:other")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(QSchedError, match="bad.safetensors"):
+        FID.load_stats(tmp_path / "bad.safetensors")
+    with pytest.raises(QSchedError, match="missing"):
+        FID.load_stats(tmp_path / "none.safetensors")
+
+
+def test_reference_stats_use_a_matching_cache_and_recompute_a_stale_one(extractor, images, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(FID, "_test_images", lambda: (images, FID.images_hash(images)))
+    monkeypatch.setitem(FID.SHIPPED, "effnet", tmp_path / "shipped.safetensors")
+    first = FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path)  # computes, caches
+    assert (tmp_path / "fid" / "effnet_fmnist_test.safetensors").is_file()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed although a matching cache exists")
+
+    monkeypatch.setattr(FID, "compute_stats", boom)
+    again = FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path)
+    assert torch.equal(first.mean, again.mean)
+    stale = FID.ReferenceStats(first.mean, first.cov, first.count, "f" * 16, first.extractor)
+    FID.save_stats(stale, tmp_path / "fid" / "effnet_fmnist_test.safetensors")
+    with pytest.raises(AssertionError, match="recomputed"):
+        FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path)
+
+
+def test_unknown_feature_kind_is_refused() -> None:
+    with pytest.raises(QSchedError, match="allowed"):
+        FID.feature_extractor("inception")  # type: ignore[arg-type]
