@@ -42,6 +42,7 @@ __all__ = [
     "FamilySpec",
     "LoadedPipeline",
     "detect_family",
+    "family_names",
     "get_family",
     "list_families",
     "load_pipeline",
@@ -188,12 +189,17 @@ def get_family(name: str) -> FamilySpec:
     spec = _REGISTRY.get(name)
     if spec is None:
         raise QSchedError(
-            f"unknown model family {name!r}; known families: {', '.join(list_families())}"
+            f"unknown model family {name!r}; known families: {', '.join(family_names())}"
         )
     return spec
 
 
-def list_families() -> list[str]:
+def list_families() -> list[FamilySpec]:
+    """The registered families, sorted by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def family_names() -> list[str]:
     """Names of the registered families, sorted."""
     return sorted(_REGISTRY)
 
@@ -232,7 +238,7 @@ def _detect(
         raise QSchedError(f"{what} matches several families ({names}); pass family=...")
     raise QSchedError(
         f"cannot tell the model family of {what}; pass family= one of: "
-        f"{', '.join(list_families())}"
+        f"{', '.join(family_names())}"
     )
 
 
@@ -414,7 +420,7 @@ def load_pipeline(
         raise QSchedError(
             f"{source!r} holds a {index['_class_name']} without a {spec.denoiser_attr!r}, "
             f"so it is not a {spec.name!r} pipeline; check family= (known: "
-            f"{', '.join(list_families())})"
+            f"{', '.join(family_names())})"
         )
 
     kwargs: dict[str, Any] = {_dtype_keyword(): dtype}

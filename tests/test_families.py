@@ -19,6 +19,7 @@ from qsched.families import (
     FamilySpec,
     LoadedPipeline,
     detect_family,
+    family_names,
     get_family,
     list_families,
     load_pipeline,
@@ -82,8 +83,11 @@ def _spec(**changes) -> FamilySpec:
 
 
 def test_paper_families_registered() -> None:
-    assert set(PAPER_FAMILIES) <= set(list_families())
-    assert list_families() == sorted(list_families())
+    assert set(PAPER_FAMILIES) <= set(family_names())
+    assert family_names() == sorted(family_names())
+    specs = list_families()
+    assert all(isinstance(s, FamilySpec) for s in specs)
+    assert [s.name for s in specs] == family_names()
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
@@ -154,7 +158,7 @@ def test_get_family_unknown_lists_known() -> None:
 def test_register_family(registry: dict[str, FamilySpec]) -> None:
     spec = _spec(name="my-pcm", description="mine")
     assert register_family(spec) is spec
-    assert get_family("my-pcm") is spec and "my-pcm" in list_families()
+    assert get_family("my-pcm") is spec and "my-pcm" in family_names()
     assert register_family(spec) is spec  # the same spec again is fine
     with pytest.raises(QSchedError, match="already registered.*replace=True"):
         register_family(dataclasses.replace(spec, guidance_scale=2.0))
