@@ -79,13 +79,14 @@ class FamilySpec:
     allowed_steps: tuple[int, ...]
     guidance_scale: float
     denoiser_attr: str
-    scheduler_overrides: Pairs = ()
+    #: Scheduler config overrides; a dict is accepted and stored as sorted pairs.
+    scheduler_overrides: Pairs | Mapping[str, Any] = ()
     #: Scheduler classes that identify the family in :func:`detect_family`; empty: any.
     detect_schedulers: tuple[str, ...] = ()
     #: Denoiser config values a pipeline must have to be detected as this family.
-    detect_denoiser_config: Pairs = ()
+    detect_denoiser_config: Pairs | Mapping[str, Any] = ()
     #: Extra keyword arguments for the pipeline call (e.g. ``max_sequence_length``).
-    call_overrides: Pairs = ()
+    call_overrides: Pairs | Mapping[str, Any] = ()
     lora_hub_id: str | None = None
     #: File inside ``lora_hub_id`` (or a LoRA folder), ``subfolder/name.safetensors``.
     lora_weight_name: str | None = None
