@@ -1,0 +1,3 @@
+from qsched.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The CLI: one-line errors with exit code 2, and no output left behind by bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qsched.card import ScheduleCard
+from qsched.cli import main
+from qsched.quant import parse_preset
+from qsched.schedule import QSchedCoefficients
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_card(path, *, family="lcm", steps=2, quant="w4a8"):
+    ScheduleCard(
+        coefficients=QSchedCoefficients.from_ramps(cx_start=1.1, ceps_start=0.9, num_steps=steps),
+        model="tiny", family=family, quant=parse_preset(quant).to_dict(), steps=steps,
+    ).save(path)
+    return str(path)
+
+
+def test_generate_with_card(tiny_pipeline_path, tmp_path, capsys):
+    card = write_card(tmp_path / "card.json")
+    code, out, err = run(capsys, "generate", "a shoe", "a bag", "--model", str(tiny_pipeline_path("lcm")),
+                         "--card", card, "--height", "32", "--width", "32", "--out", str(tmp_path / "out"),
+                         "--no-progress")
+    assert code == 0, err
+    assert "wrote 2 images" in out and "w4a8, 2 steps" in out
+    records = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert [r["quant"] for r in records] == ["w4a8", "w4a8"] and records[0]["card"] == card
+
+
+BAD_INPUTS = [
+    (["--quant", "w3a8"], "unknown quantization preset 'w3a8'; allowed: fp, w8a8"),
+    (["--model", "org/not-cached-model"], "not cached locally"),
+    (["--model", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--steps", "0"], "expected a positive integer, got 0"),
+    (["--device", "cuda"], "no CUDA GPU is available"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[m[:24] for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_pipeline_path, tmp_path, capsys, extra, message):
+    argv = ["generate", "a shoe", "--model", str(tiny_pipeline_path("lcm")), "--out", str(tmp_path / "out")]
+    code, _, err = run(capsys, *argv, *extra)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files(tiny_pipeline_path, tmp_path, capsys):
+    model = str(tiny_pipeline_path("lcm"))
+    out = str(tmp_path / "out")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "qsched-schedule-card", "vers')
+    cases = [
+        (["--prompts", str(empty)], "holds no prompts"),
+        (["x", "--card", str(corrupt)], "not valid JSON"),
+        (["x", "--card", write_card(tmp_path / "flux.json", family="flux-schnell")], "family 'flux-schnell', not 'lcm'"),
+        (["x", "--card", write_card(tmp_path / "c4.json", steps=4), "--steps", "2"], "4 steps, not 2"),
+        (["x", "--card", write_card(tmp_path / "c.json"), "--quant", "w8a8"], "differs from the card's recipe 'w4a8'"),
+        ([], "no prompts given"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(capsys, "generate", "--model", model, "--out", out, *extra)
+        assert code == 2 and message in err, (extra, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_not_empty(tiny_pipeline_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code, _, err = run(capsys, "generate", "x", "--model", str(tiny_pipeline_path("lcm")), "--out", str(out))
+    assert code == 2 and "--overwrite" in err
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    from qsched.errors import QSchedError
+
+    with pytest.raises(QSchedError):
+        main(["--debug", "generate", "x", "--quant", "bogus", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_families_lists_paper_defaults(capsys):
+    code, out, _ = run(capsys, "families")
+    assert code == 0
+    for name in ("lcm", "pcm-sd15", "pcm-sdxl", "sdxl-turbo", "flux-schnell"):
+        assert name in out
+
+
+def test_usage_error_is_one_line(capsys):
+    assert main(["generate", "--seed", "minus"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
