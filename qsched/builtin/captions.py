@@ -1,0 +1,102 @@
+"""Captions for Fashion-MNIST: class phrases x templates, with held-out templates for evaluation.
+
+Training captions use ``TRAIN_TEMPLATES``; evaluation and calibration prompts use only
+``HELDOUT_TEMPLATES`` (disjoint), so generation is measured on phrasings never seen in
+training. Run ``python -m qsched.builtin.captions`` to rewrite the prompt text files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Fashion-MNIST label order.
+CLASS_NAMES: tuple[str, ...] = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+
+#: Noun phrases per class (article included where English wants one).
+CLASS_PHRASES: tuple[tuple[str, ...], ...] = (
+    ("a t-shirt", "a tee", "a short-sleeved top", "a t-shirt top"),
+    ("a pair of trousers", "pants", "jeans", "a pair of slacks"),
+    ("a pullover", "a sweater", "a jumper", "a knitted sweater"),
+    ("a dress", "a summer dress", "a long dress", "a sleeveless dress"),
+    ("a coat", "a jacket", "a winter coat", "an overcoat"),
+    ("a sandal", "sandals", "a summer sandal", "an open-toe sandal"),
+    ("a shirt", "a button-up shirt", "a blouse", "a long-sleeved shirt"),
+    ("a sneaker", "running shoes", "a trainer", "a sports shoe"),
+    ("a bag", "a handbag", "a purse", "a tote bag"),
+    ("an ankle boot", "a boot", "ankle boots", "a short boot"),
+)
+
+TRAIN_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "a photo of {}",
+    "a picture of {}",
+    "an image of {}",
+    "a product photo of {}",
+    "a black and white photo of {}",
+    "a grayscale image of {}",
+    "a catalogue image of {}",
+    "a centered photo of {}",
+    "a low resolution photo of {}",
+    "a studio photo of {}",
+    "a fashion photo of {}",
+    "{} on a black background",
+    "a small photo of {}",
+)
+
+HELDOUT_TEMPLATES: tuple[str, ...] = (
+    "a clean photo of {}",
+    "a snapshot of {}",
+    "a monochrome picture of {}",
+    "a shop photo of {}",
+    "a thumbnail of {}",
+    "a simple image of {}",
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CALIBRATION_FILE = PACKAGE_DIR / "calibration_prompts.txt"
+EVALUATION_FILE = PACKAGE_DIR / "evaluation_prompts.txt"
+EVALUATION_LABELS_FILE = PACKAGE_DIR / "evaluation_labels.txt"
+
+
+def training_captions() -> list[tuple[str, int]]:
+    """Every training caption with its class index (classes x phrases x TRAIN_TEMPLATES)."""
+    return [
+        (template.format(phrase), label)
+        for label, phrases in enumerate(CLASS_PHRASES)
+        for phrase in phrases
+        for template in TRAIN_TEMPLATES
+    ]
+
+
+def _heldout(label: int, k: int) -> str:
+    """The k-th held-out caption of a class; cycles phrases and templates so both vary."""
+    phrases = CLASS_PHRASES[label]
+    template = HELDOUT_TEMPLATES[(k + label) % len(HELDOUT_TEMPLATES)]
+    phrase = phrases[(k // len(HELDOUT_TEMPLATES) + k) % len(phrases)]
+    return template.format(phrase)
+
+
+def evaluation_prompts(*, per_class: int = 30) -> list[tuple[str, int]]:
+    """Held-out prompts with labels, balanced and interleaved over classes (class-major order per round)."""
+    return [(_heldout(label, k), label) for k in range(per_class) for label in range(len(CLASS_NAMES))]
+
+
+def calibration_prompts(*, n: int = 16) -> list[str]:
+    """A small held-out prompt list for Q-Sched calibration (classes cycled, disjoint from evaluation ones)."""
+    # offset k past the evaluation range so calibration and evaluation prompts differ where possible
+    out = [_heldout(i % len(CLASS_NAMES), 1000 + i // len(CLASS_NAMES) * 7) for i in range(n)]
+    return out
+
+
+def write_prompt_files() -> None:
+    """Write the packaged prompt text files (one prompt per line) for CLI use."""
+    CALIBRATION_FILE.write_text("\n".join(calibration_prompts()) + "\n")
+    ev = evaluation_prompts()
+    EVALUATION_FILE.write_text("\n".join(p for p, _ in ev) + "\n")
+    EVALUATION_LABELS_FILE.write_text("\n".join(CLASS_NAMES[lab] for _, lab in ev) + "\n")
+
+
+if __name__ == "__main__":
+    write_prompt_files()

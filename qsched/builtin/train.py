@@ -1,0 +1,79 @@
+"""Training commands of the built-in model, one per stage.
+
+    python -m qsched.builtin.train teacher [--steps N] [--batch-size B] [--threads T] [--out DIR] [--resume]
+    python -m qsched.builtin.train student [--teacher DIR] [...same options]
+
+Each stage checkpoints to ``OUT/checkpoint`` every few minutes, logs to ``OUT/train.log``
+and writes its final weights as a pipeline folder ``OUT/pipeline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from qsched.errors import QSchedError
+
+DEFAULTS = {
+    "teacher": dict(out="runs/builtin/teacher", steps=4000, batch_size=64, lr=3e-4),
+    "student": dict(out="runs/builtin/student", steps=1200, batch_size=32, lr=1e-4),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qsched.builtin.train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage, d in DEFAULTS.items():
+        p = sub.add_parser(stage, help=f"train the {stage}")
+        p.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps (default %(default)s)")
+        p.add_argument("--batch-size", type=int, default=d["batch_size"])
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        p.add_argument("--out", default=d["out"], help="run folder (default %(default)s)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+        p.add_argument("--lr", type=float, default=d["lr"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+        p.add_argument("--shape", default="default", help="denoiser shape name (qsched.builtin.unet.SHAPES)")
+        p.add_argument("--max-templates", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+        p.add_argument("--log-every", type=int, default=25)
+        if stage == "student":
+            p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qsched.builtin import train_common as tc
+    from qsched.builtin.data import DEFAULT_ROOT
+    from qsched.builtin.unet import SHAPES
+
+    try:
+        if args.shape not in SHAPES:
+            raise QSchedError(f"unknown --shape {args.shape!r}; allowed: {sorted(SHAPES)}")
+        if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
+            raise QSchedError("--steps, --batch-size and --threads must be positive")
+        opts = tc.RunOptions(
+            out=args.out, steps=args.steps, batch_size=args.batch_size, threads=args.threads, lr=args.lr,
+            seed=args.seed, shape=args.shape, data_root=args.data_root or str(DEFAULT_ROOT),
+            max_templates=args.max_templates, checkpoint_minutes=args.checkpoint_minutes,
+            log_every=args.log_every, resume=args.resume,
+        )
+        if args.stage == "teacher":
+            from qsched.builtin.train_teacher import train_teacher
+
+            folder = train_teacher(opts)
+        else:
+            from qsched.builtin.train_student import train_student
+
+            folder = train_student(opts, teacher=args.teacher)
+    except QSchedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

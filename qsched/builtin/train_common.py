@@ -1,0 +1,286 @@
+"""Shared training machinery for the built-in teacher and student.
+
+Checkpoints are a folder with ``state.safetensors`` (weights, EMA, optimizer moments,
+RNG state) and ``state.json`` (step, config, optimizer hyper-parameters, timing): no
+pickle. All randomness flows from one ``torch.Generator`` whose state is checkpointed,
+so a resumed run draws the same batches it would have drawn without the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from qsched.builtin import captions as cap
+from qsched.builtin.data import DEFAULT_ROOT, load_split, to_model_range
+from qsched.builtin.text import encode_prompts, load_text_encoder, load_tokenizer
+from qsched.builtin.unet import patchify
+from qsched.errors import QSchedError
+
+logger = logging.getLogger("qsched.builtin.train")
+
+CHECKPOINT_DIR = "checkpoint"
+PIPELINE_DIR = "pipeline"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options shared by every stage."""
+
+    out: str
+    steps: int
+    batch_size: int
+    threads: int = 1
+    lr: float = 3e-4
+    seed: int = 0
+    shape: str = "default"
+    data_root: str = str(DEFAULT_ROOT)
+    max_templates: int | None = None  # fewer caption templates: smoke runs and tests only
+    checkpoint_minutes: float = 5.0
+    log_every: int = 25
+    resume: bool = False
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_run(opts: RunOptions) -> Path:
+    """Create the output folder, configure threads and logging (file ``train.log`` + stderr)."""
+    out = Path(opts.out)
+    ckpt = out / CHECKPOINT_DIR
+    if ckpt.exists() and not opts.resume:
+        raise QSchedError(f"{ckpt} already exists; pass --resume to continue it or choose another --out")
+    if opts.resume and not (ckpt / "state.json").is_file():
+        raise QSchedError(f"--resume given but no checkpoint in {ckpt}; run without --resume to start")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(opts.threads)
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.propagate = False
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ImageBatches:
+    """Random Fashion-MNIST training batches in UNet space, with random horizontal flips."""
+
+    def __init__(self, *, data_root: str | Path, patch_size: int) -> None:
+        split = load_split("train", root=data_root)
+        self.images = torch.from_numpy(split.images)
+        self.labels = torch.from_numpy(split.labels)
+        self.patch_size = patch_size
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.labels), (batch_size,), generator=generator)
+        x = to_model_range(self.images[idx])
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return patchify(x, self.patch_size), self.labels[idx]
+
+
+class CaptionBank:
+    """Text-encoder states of every training caption, computed once (the encoder is frozen)."""
+
+    def __init__(self, *, max_templates: int | None = None) -> None:
+        templates = cap.TRAIN_TEMPLATES[: max_templates or None]
+        pairs = [(t.format(p), label) for label, ps in enumerate(cap.CLASS_PHRASES) for p in ps for t in templates]
+        prompts = [p for p, _ in pairs] + [""]  # last = unconditional
+        tokenizer, encoder = load_tokenizer(), load_text_encoder()
+        t0 = time.perf_counter()
+        states, masks = [], []
+        for i in range(0, len(prompts), 64):
+            s, m = encode_prompts(prompts[i : i + 64], tokenizer=tokenizer, text_encoder=encoder)
+            states.append(s)
+            masks.append(m)
+        self.states = torch.cat(states)
+        self.masks = torch.cat(masks)
+        self.null_index = len(prompts) - 1
+        labels = torch.tensor([label for _, label in pairs])
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in range(len(cap.CLASS_NAMES))]
+        logger.info("encoded %d captions in %.1fs", len(prompts), time.perf_counter() - t0)
+
+    def sample(
+        self, labels: torch.Tensor, generator: torch.Generator, *, drop_prob: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random caption per label; with ``drop_prob`` the empty caption. Returns (states, mask, index)."""
+        u = torch.rand(len(labels), generator=generator)
+        idx = torch.stack(
+            [self.by_class[int(c)][int(r * len(self.by_class[int(c)]))] for c, r in zip(labels, u)]
+        )
+        drop = torch.rand(len(labels), generator=generator) < drop_prob
+        idx = torch.where(drop, torch.full_like(idx, self.null_index), idx)
+        return self.states[idx], self.masks[idx], idx
+
+    def null(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """States and mask of the empty caption, repeated."""
+        i = torch.full((batch_size,), self.null_index)
+        return self.states[i], self.masks[i]
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source (parameters and buffers)."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, 1.0 - decay)
+    for t, s in zip(target.buffers(), source.buffers()):
+        t.copy_(s)
+
+
+def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+
+
+def load_module(prefix: str, module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(sd, strict=True)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Optimizer moments as flat tensors plus JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {
+        f"optim.{i}.{name}": torch.as_tensor(value).contiguous()
+        for i, state in sd["state"].items()
+        for name, value in state.items()
+    }
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value.clone()
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``out/checkpoint`` atomically (to a temporary folder, then rename)."""
+    from safetensors.torch import save_file
+
+    final = out / CHECKPOINT_DIR
+    tmp = out / (CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+    old = out / (CHECKPOINT_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in ("state.safetensors", "state.json"):
+        if not (folder / name).is_file():
+            raise QSchedError(f"checkpoint file {folder / name} is missing")
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+        meta = json.loads((folder / "state.json").read_text())
+    except Exception as exc:  # safetensors raises its own error types
+        raise QSchedError(f"checkpoint in {folder} is corrupt ({exc}); delete it or restore a copy") from exc
+    return tensors, meta
+
+
+def run_meta(stage: str, step: int, opts: RunOptions, extra: Mapping[str, Any], elapsed: float) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    return {
+        "stage": stage,
+        "step": step,
+        "elapsed_s": round(elapsed, 1),
+        "options": asdict(opts),
+        "config": dict(extra),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+    }
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_loop(
+    *,
+    start_step: int,
+    steps: int,
+    step_fn: Callable[[int], float],
+    checkpoint_fn: Callable[[int, float], None],
+    elapsed_before: float,
+    opts: RunOptions,
+) -> float:
+    """Run ``step_fn(step) -> loss`` from ``start_step`` to ``steps``; log and checkpoint. Returns total elapsed s."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    t_ckpt = t_start
+    t_log, step_log = t_start, start_step
+    loss_avg = math.nan
+    bar = tqdm(total=steps, initial=start_step, disable=None, file=sys.stderr, dynamic_ncols=True)
+    step = start_step
+    while step < steps:
+        loss = step_fn(step)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at step {step}; lower --lr and resume from the last checkpoint")
+        loss_avg = loss if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * loss
+        step += 1
+        bar.update(1)
+        now = time.perf_counter()
+        if step % opts.log_every == 0 or step == steps:
+            rate = (step - step_log) / max(now - t_log, 1e-9)
+            eta = (steps - step) / max(rate, 1e-9)
+            logger.info(
+                "step %d/%d loss %.4f (avg %.4f) %.2f it/s eta %dm%02ds",
+                step, steps, loss, loss_avg, rate, int(eta // 60), int(eta % 60),
+            )
+            t_log, step_log = now, step
+        if now - t_ckpt > opts.checkpoint_minutes * 60 and step < steps:
+            checkpoint_fn(step, elapsed_before + now - t_start)
+            logger.info("checkpoint at step %d", step)
+            t_ckpt = time.perf_counter()
+    bar.close()
+    total = elapsed_before + time.perf_counter() - t_start
+    checkpoint_fn(step, total)
+    logger.info("finished %d steps; training time %.1f min", step, total / 60)
+    return total
+
+
+def export_pipeline(folder: Path, *, unet: torch.nn.Module, scheduler: Any) -> Path:
+    """Save ``unet`` + ``scheduler`` as a QSchedBuiltinPipeline folder (text encoder from the pip package)."""
+    from qsched.builtin.pipeline import QSchedBuiltinPipeline
+
+    pipe = QSchedBuiltinPipeline(unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(folder))
+    logger.info("pipeline written to %s", folder)
+    return folder
+
+
+def env_threads_note() -> str:
+    return f"threads={torch.get_num_threads()} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"

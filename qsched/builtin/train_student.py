@@ -1,0 +1,158 @@
+"""Student: LCM-style consistency distillation of the teacher into a 1-8 step model.
+
+Recipe (Luo et al. 2023, as in diffusers' LCM distillation script): the student is the
+teacher's UNet plus a guidance-scale embedding (``time_cond_proj_dim``, zero-initialised so
+it starts as the teacher). Each step: noise a batch to a DDIM-grid timestep t (50-step
+trailing grid, t in {19, 39, ..., 999}); one DDIM step of the classifier-free-guided teacher
+(guidance scale drawn uniformly) gives x at t-20; the loss is the pseudo-Huber distance
+between the student's consistency function at (x_t, t) and the EMA target's at
+(x_{t-20}, t-20), with the boundary scalings ``c_skip``/``c_out`` of ``LCMScheduler``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qsched.builtin import train_common as tc
+from qsched.builtin.unet import GUIDANCE_EMBED_DIM, guidance_embedding, make_student_scheduler
+from qsched.errors import QSchedError
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    num_ddim_timesteps: int = 50
+    guidance_min: float = 1.5  # classifier-free guidance scale range of the teacher
+    guidance_max: float = 4.5
+    target_ema_decay: float = 0.95
+    huber_c: float = 0.001
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+
+
+def load_teacher_unet(folder: str | Path) -> tuple[torch.nn.Module, int]:
+    """The teacher UNet (frozen, eval) and its pipeline's patch size."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    if not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        raise QSchedError(f"no teacher pipeline in {folder} (missing unet weights); train it first: "
+                          "python -m qsched.builtin.train teacher")
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32)
+    patch_size = int(json.loads((folder / "model_index.json").read_text()).get("patch_size", 2))
+    return unet.eval().requires_grad_(False), patch_size
+
+
+def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Teacher weights plus a zero-initialised guidance embedding input."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": GUIDANCE_EMBED_DIM})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise RuntimeError(f"teacher/student mismatch: missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
+
+
+def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfig = StudentConfig()) -> Path:
+    """Distil (or resume distilling) the student from the teacher pipeline folder; returns the exported pipeline."""
+    out = tc.setup_run(opts)
+    torch.manual_seed(opts.seed)
+    teacher_unet, patch_size = load_teacher_unet(teacher)
+    student = student_from_teacher(teacher_unet).train()
+    target = student_from_teacher(teacher_unet)
+    target.load_state_dict(student.state_dict())
+    target.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(opts.seed)
+    start, elapsed = 0, 0.0
+    if opts.resume:
+        tensors, meta = tc.load_checkpoint(out / tc.CHECKPOINT_DIR)
+        tc.load_module("model", student, tensors)
+        tc.load_module("target", target, tensors)
+        tc.load_optimizer(opt, tensors, meta["param_groups"])
+        gen.set_state(tensors["rng.torch"])
+        start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
+        tc.logger.info("resumed from step %d (%.1f min trained)", start, elapsed / 60)
+    tc.logger.info("student: %.2fM parameters from teacher %s, %s",
+                   sum(p.numel() for p in student.parameters()) / 1e6, teacher, tc.env_threads_note())
+
+    images = tc.ImageBatches(data_root=opts.data_root, patch_size=patch_size)
+    bank = tc.CaptionBank(max_templates=opts.max_templates)
+    scheduler = make_student_scheduler()
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    T = scheduler.config.num_train_timesteps
+    gap = T // cfg.num_ddim_timesteps
+    grid = torch.arange(1, cfg.num_ddim_timesteps + 1) * gap - 1  # trailing: 19, 39, ..., 999
+
+    def bc(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float32))
+        return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+    def x0_from_v(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return a.sqrt() * x - (1 - a).sqrt() * v
+
+    def step_fn(step: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = opts.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        B = opts.batch_size
+        x0, labels = images.sample(B, gen)
+        ctx, mask, _ = bank.sample(labels, gen)
+        null_ctx, null_mask = bank.null(B)
+        t = grid[torch.randint(0, len(grid), (B,), generator=gen)]
+        t_prev = (t - gap).clamp(min=0)
+        scale = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(B, generator=gen)
+        w_emb = guidance_embedding(scale - 1.0)
+        noise = torch.randn(x0.shape, generator=gen)
+        a_t = alphas[t].view(-1, 1, 1, 1)
+        a_p = alphas[t_prev].view(-1, 1, 1, 1)
+        xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+        v_s = student(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask, timestep_cond=w_emb).sample
+        c_skip, c_out = bc(t)
+        f_student = c_skip * xt + c_out * x0_from_v(xt, v_s, a_t)
+        with torch.no_grad():
+            v_c, v_u = teacher_unet(
+                torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([ctx, null_ctx]),
+                encoder_attention_mask=torch.cat([mask, null_mask]),
+            ).sample.chunk(2)
+            v_t = v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
+            x0_t = x0_from_v(xt, v_t, a_t)
+            eps_t = (1 - a_t).sqrt() * xt + a_t.sqrt() * v_t
+            x_prev = a_p.sqrt() * x0_t + (1 - a_p).sqrt() * eps_t  # one DDIM step t -> t-gap
+            v_tg = target(x_prev, t_prev, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                          timestep_cond=w_emb).sample
+            c_skip_p, c_out_p = bc(t_prev)
+            f_target = c_skip_p * x_prev + c_out_p * x0_from_v(x_prev, v_tg, a_p)
+        loss = pseudo_huber(f_student, f_target, cfg.huber_c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        tc.ema_update(target, student, cfg.target_ema_decay)
+        return float(loss.detach())
+
+    def checkpoint_fn(step: int, total: float) -> None:
+        tensors = {**tc.module_tensors("model", student), **tc.module_tensors("target", target)}
+        opt_tensors, groups = tc.optimizer_state(opt)
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = gen.get_state()
+        meta = tc.run_meta("student", step, opts, {**asdict(cfg), "teacher": str(teacher)}, total)
+        meta["param_groups"] = groups
+        tc.save_checkpoint(out, tensors, meta)
+
+    t0 = time.perf_counter()
+    tc.train_loop(start_step=start, steps=opts.steps, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
+                  elapsed_before=elapsed, opts=opts)
+    tc.logger.info("wall time this run %.1f min", (time.perf_counter() - t0) / 60)
+    return tc.export_pipeline(out / tc.PIPELINE_DIR, unet=target.eval(), scheduler=scheduler)
