@@ -108,7 +108,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
                 "(modified after quantize?); re-quantize from the full-precision model"
             )
         codes = codes.to(torch.int8)
-        key = f"{plan.name}.weight" if plan.name else "weight"
+        key = _layer_key(plan)
         tensors[key + CODES_SUFFIX] = pack_int4(codes) if plan.weight_bits == 4 else codes.reshape(-1)
         tensors[key + SCALE_SUFFIX] = scale.contiguous()
         layers[key] = {"bits": plan.weight_bits, "shape": list(weight.shape), "dtype": _dtype_name(weight.dtype)}
@@ -136,6 +136,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], Any]:
+    """The header metadata and the open file (a context manager), after format checks."""
     if not path.is_file():
         raise QSchedError(f"packed checkpoint {str(path)!r} does not exist or is not a file")
     try:
@@ -143,16 +144,20 @@ def _read_header(path: Path) -> tuple[dict[str, str], Any]:
     except (SafetensorError, OSError) as exc:
         raise QSchedError(f"packed checkpoint {str(path)!r} is corrupt or truncated: {exc}") from exc
     meta = handle.metadata() or {}
+    problem = None
     if meta.get("format") != FORMAT:
-        raise QSchedError(
+        problem = (
             f"{str(path)!r} is not a qsched packed checkpoint (metadata format is "
             f"{meta.get('format')!r}, expected {FORMAT!r})"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise QSchedError(
+    elif meta.get("format_version") != FORMAT_VERSION:
+        problem = (
             f"packed checkpoint {str(path)!r} has format version {meta.get('format_version')!r}; "
             f"this qsched reads version {FORMAT_VERSION}; use a matching qsched version"
         )
+    if problem is not None:
+        handle.__exit__(None, None, None)
+        raise QSchedError(problem)
     return meta, handle
 
 
@@ -166,8 +171,9 @@ def _json_meta(path: Path, meta: dict[str, str], key: str) -> Any:
 def read_packed_recipe(path: str | os.PathLike[str]) -> QuantRecipe:
     """The recipe stored in a packed checkpoint's header."""
     path = Path(path)
-    meta, _ = _read_header(path)
-    return _recipe_of(path, meta)
+    meta, handle = _read_header(path)
+    with handle:
+        return _recipe_of(path, meta)
 
 
 def _recipe_of(path: Path, meta: dict[str, str]) -> QuantRecipe:
@@ -181,20 +187,14 @@ def _list(keys: list[str]) -> str:
     return ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def load_packed(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
-    """Load a packed checkpoint into a full-precision ``model`` of the same architecture.
+def _layer_key(plan: LayerPlan) -> str:
+    return f"{plan.name}.weight" if plan.name else "weight"
 
-    The result is the identical fake-quant model :func:`save_packed` saw. All
-    checks run before the model is touched.
-    """
-    path = Path(path)
-    meta, handle = _read_header(path)
-    recipe = _recipe_of(path, meta)
-    layers = _json_meta(path, meta, "layers")
-    refuse_quantized(model)
-    all_plans, unmatched = plan_layers(model, recipe)
-    plans = {(f"{p.name}.weight" if p.name else "weight"): p for p in all_plans if p.quantizes_weight}
-    state = model.state_dict()
+
+def _read_tensors(
+    path: Path, handle: Any, state: dict[str, torch.Tensor], plans: dict[str, LayerPlan], layers: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Check the file's keys against the model's, then read every tensor."""
     expected = [k for k in state if k not in plans]
     expected += [k + s for k in plans for s in (CODES_SUFFIX, SCALE_SUFFIX)]
     found = set(handle.keys())
@@ -213,9 +213,19 @@ def load_packed(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
             "load it into the architecture it was saved from"
         )
     try:
-        loaded = {k: handle.get_tensor(k) for k in expected}
+        return {k: handle.get_tensor(k) for k in expected}
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise QSchedError(f"packed checkpoint {str(path)!r} is corrupt or truncated: {exc}") from exc
+
+
+def _rebuild_state(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    plans: dict[str, LayerPlan],
+    layers: dict[str, Any],
+    loaded: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's new state dict (quantized weights dequantized) and the weight scales."""
     new_state: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for key, ref in state.items():
@@ -251,11 +261,31 @@ def load_packed(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
             codes = unpack_int4(codes, numel)
         new_state[key] = dequantize_weight(codes, scale, shape=shape, dtype=ref.dtype)
         scales[key] = scale
+    return new_state, scales
+
+
+def load_packed(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
+    """Load a packed checkpoint into a full-precision ``model`` of the same architecture.
+
+    The result is the identical fake-quant model :func:`save_packed` saw
+    (weights are dequantized into the model's own dtype). All checks run before
+    the model is touched.
+    """
+    path = Path(path)
+    meta, handle = _read_header(path)
+    with handle:
+        recipe = _recipe_of(path, meta)
+        layers = _json_meta(path, meta, "layers")
+        refuse_quantized(model)
+        all_plans, unmatched = plan_layers(model, recipe)
+        plans = {_layer_key(p): p for p in all_plans if p.quantizes_weight}
+        state = model.state_dict()
+        loaded = _read_tensors(path, handle, state, plans, layers)
+    new_state, scales = _rebuild_state(path, state, plans, layers, loaded)
     model.load_state_dict(new_state, strict=True)
     for plan in all_plans:
         if plan.quantizes_weight or plan.act_bits < 16:
-            key = f"{plan.name}.weight" if plan.name else "weight"
-            attach(plan, scale=scales.get(key), backend="fake")
+            attach(plan, scale=scales.get(_layer_key(plan)), backend="fake")
     setattr(model, RECIPE_ATTR, recipe)
     return build_report(all_plans, recipe, backend="fake", unmatched=unmatched)
 
@@ -304,17 +334,18 @@ def packed_size(path: str | os.PathLike[str]) -> PackedSize:
     path = Path(path)
     meta, handle = _read_header(path)
     layers = _json_meta(path, meta, "layers")
+    with handle:
+        keys = list(handle.keys())
+        dense = {k: (math.prod(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in keys}
     fp32 = fp16 = 0
-    for key in handle.keys():
+    for key in keys:
         if key.endswith(SCALE_SUFFIX):
             continue
         if key.endswith(CODES_SUFFIX):
             numel = math.prod(layers[key.removesuffix(CODES_SUFFIX)]["shape"])
             fp32, fp16 = fp32 + 4 * numel, fp16 + 2 * numel
             continue
-        sl = handle.get_slice(key)
-        numel = math.prod(sl.get_shape())
-        dtype = sl.get_dtype()
+        numel, dtype = dense[key]
         if dtype.startswith(("F", "BF")):
             fp32, fp16 = fp32 + 4 * numel, fp16 + 2 * numel
         else:
