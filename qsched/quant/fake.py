@@ -108,15 +108,12 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> tuple[list[LayerPlan],
     no module.
     """
     plans: list[LayerPlan] = []
-    matched: set[str] = set()
     bad_groups: list[str] = []
     for name, module in model.named_modules():
         if next(module.parameters(recurse=False), None) is None:
             continue
         kind = layer_type(module)
         pattern = next((p for p in recipe.skip if fnmatch.fnmatchcase(name, p)), None)
-        if pattern is not None:
-            matched.add(pattern)
         in_flat = module.weight[0].numel() if kind != "other" else 0
         if kind == "other":
             plan = (16, 16, REASON_OTHER)
@@ -142,9 +139,9 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> tuple[list[LayerPlan],
             + "; choose a group size dividing every quantized layer's input size, "
             "skip those layers, or use group_size=None (per output channel)"
         )
-    # Also record matches on modules without parameters (e.g. the default 'time_proj').
-    for name, _ in model.named_modules():
-        matched.update(p for p in recipe.skip if fnmatch.fnmatchcase(name, p))
+    # Matches on any module count, also those without parameters (e.g. 'time_proj').
+    names = [name for name, _ in model.named_modules()]
+    matched = {p for p in recipe.skip if any(fnmatch.fnmatchcase(n, p) for n in names)}
     unmatched = tuple(p for p in recipe.skip if p not in matched and p not in DEFAULT_SKIP)
     return plans, unmatched
 

@@ -87,8 +87,9 @@ class QuantRecipe:
         dimension (``in_features`` for Linear, ``in_channels*kh*kw`` for Conv2d),
         which must divide that dimension in every quantized layer.
     module_types: which layer types are quantized (``"Linear"``, ``"Conv2d"``).
-    skip: ``fnmatch`` patterns on module qualified names kept in full precision;
-        see :data:`DEFAULT_SKIP` for the default and why.
+    skip: ``fnmatch`` patterns on module qualified names kept in full precision
+        (weights and inputs); a pattern names modules, not subtrees (use
+        ``"block.*"``); see :data:`DEFAULT_SKIP` for the default and why.
     """
 
     weight_bits: int = 8
