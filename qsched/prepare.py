@@ -15,7 +15,7 @@ import torch
 from qsched.card import ScheduleCard
 from qsched.errors import QSchedError
 from qsched.families import LoadedPipeline, load_pipeline
-from qsched.quant import QuantRecipe, QuantReport, quantize
+from qsched.quant import QuantRecipe, QuantReport, load_packed, parse_preset, quantize, read_packed_recipe
 from qsched.wrap import unwrap, wrap
 
 
@@ -69,7 +69,8 @@ def check_device(device: str) -> str:
 def prepare_pipeline(
     model: str | os.PathLike,
     *,
-    recipe: QuantRecipe,
+    recipe: QuantRecipe | None = None,
+    packed: str | os.PathLike | None = None,
     card: ScheduleCard | None = None,
     family: str | None = None,
     steps: int | None = None,
@@ -82,11 +83,16 @@ def prepare_pipeline(
 ) -> PreparedPipeline:
     """Load ``model``, quantize its denoiser with ``recipe`` and apply ``card``'s coefficients.
 
+    With ``packed`` (a file from :func:`qsched.quant.save_packed`) the denoiser's
+    quantized weights come from that file. ``recipe`` defaults to the packed
+    checkpoint's, else the card's, else full precision; all that are given must agree.
+
     ``steps`` defaults to the card's, else the family's default; a card made for
     another family or step count is refused. ``height``/``width`` of None use the
     pipeline's own default image size.
     """
     check_device(device)
+    recipe = _resolve_recipe(recipe, packed, card)
     loaded = load_pipeline(model, family=family, device=device, dtype=resolve_dtype(dtype, device))
     spec = loaded.family
     if steps is None:
@@ -94,7 +100,11 @@ def prepare_pipeline(
     spec.check_steps(steps)
     if card is not None:
         card.check(family=spec.name, steps=steps)
-    report = quantize(spec.denoiser(loaded.pipe), recipe, backend=backend)
+    denoiser = spec.denoiser(loaded.pipe)
+    if packed is not None:
+        report = load_packed(denoiser, packed)
+    else:
+        report = quantize(denoiser, recipe, backend=backend)
     pipe = loaded.pipe
     pipe.scheduler = wrap(pipe.scheduler, card.coefficients) if card is not None else unwrap(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -108,3 +118,30 @@ def prepare_pipeline(
         height=height,
         width=width,
     )
+
+
+def _resolve_recipe(
+    recipe: QuantRecipe | None, packed: str | os.PathLike | None, card: ScheduleCard | None
+) -> QuantRecipe:
+    """The recipe to run: the one given, else the packed checkpoint's, else the card's, else fp.
+
+    A packed checkpoint or card made for another recipe is refused: a card's
+    coefficients correct the error of the recipe it was calibrated for.
+    """
+    sources = []
+    if recipe is not None:
+        sources.append(("the requested recipe", recipe))
+    if packed is not None:
+        sources.append((f"packed checkpoint {packed}", read_packed_recipe(packed)))
+    if card is not None:
+        sources.append(("the schedule card", QuantRecipe.from_dict(card.quant)))
+    if not sources:
+        return parse_preset("fp")
+    (first_name, resolved), *others = sources
+    for name, other in others:
+        if other != resolved:
+            raise QSchedError(
+                f"{name} is for recipe {other.name!r} but {first_name} is {resolved.name!r}; "
+                "use matching settings (omit --quant to take the recipe from the checkpoint or card)"
+            )
+    return resolved

@@ -68,7 +68,7 @@ def test_bad_files(tiny_pipeline_path, tmp_path, capsys):
         (["x", "--card", str(corrupt)], "not valid JSON"),
         (["x", "--card", write_card(tmp_path / "flux.json", family="flux-schnell")], "family 'flux-schnell', not 'lcm'"),
         (["x", "--card", write_card(tmp_path / "c4.json", steps=4), "--steps", "2"], "4 steps, not 2"),
-        (["x", "--card", write_card(tmp_path / "c.json"), "--quant", "w8a8"], "differs from the card's recipe 'w4a8'"),
+        (["x", "--card", write_card(tmp_path / "c.json"), "--quant", "w8a8"], "schedule card is for recipe 'w4a8' but the requested recipe is 'w8a8'"),
         ([], "no prompts given"),
     ]
     for extra, message in cases:
@@ -102,3 +102,19 @@ def test_families_lists_paper_defaults(capsys):
 def test_usage_error_is_one_line(capsys):
     assert main(["generate", "--seed", "minus"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_quantize_then_generate_from_packed_matches_direct_quantization(tiny_pipeline_path, tmp_path, capsys):
+    model = str(tiny_pipeline_path("lcm"))
+    packed = tmp_path / "unet-w4a8.safetensors"
+    code, out, err = run(capsys, "quantize", "--model", model, "--quant", "w4a8", "--out", str(packed))
+    assert code == 0, err
+    assert "quantization w4a8" in out and "smaller" in out
+    common = ["generate", "a shoe", "--model", model, "--steps", "2", "--height", "32", "--width", "32", "--no-progress"]
+    assert run(capsys, *common, "--packed", str(packed), "--out", str(tmp_path / "a"))[0] == 0
+    assert run(capsys, *common, "--quant", "w4a8", "--out", str(tmp_path / "b"))[0] == 0
+    assert (tmp_path / "a" / "00000.png").read_bytes() == (tmp_path / "b" / "00000.png").read_bytes()
+    code, _, err = run(capsys, "quantize", "--model", model, "--quant", "w4a8", "--out", str(packed))
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run(capsys, "quantize", "--model", model, "--quant", "w8a16", "--out", str(tmp_path / "x.bin"))
+    assert code == 2 and ".safetensors" in err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, non_negative_int, positive_int, resolve_recipe
+from qsched.cli.options import add_model_options, non_negative_int, parse_quant, positive_int
 
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise QSchedError("no prompts given; pass them as arguments or with --prompts FILE")
     card = ScheduleCard.load(args.card) if args.card else None
-    recipe = resolve_recipe(args.quant, card)
     prepared = prepare_pipeline(
         args.model,
-        recipe=recipe,
+        recipe=parse_quant(args.quant),
+        packed=args.packed,
         card=card,
         family=args.family,
         steps=args.steps,
@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
         card_path=args.card,
         progress=not args.no_progress,
     )
-    print(f"wrote {len(records)} images to {args.out} ({prepared.family}, {recipe.name}, {prepared.steps} steps)")
+    print(f"wrote {len(records)} images to {args.out} ({prepared.family}, {prepared.recipe.name}, {prepared.steps} steps)")
     return 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from qsched.card import ScheduleCard
-from qsched.errors import QSchedError
 from qsched.quant import QuantRecipe, parse_preset
 
 DEFAULT_MODEL = "builtin"
@@ -39,8 +37,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="local pipeline folder, cached hub id, or 'builtin' (default: %(default)s)")
     group.add_argument("--family", default=None, help="model family; detected from the pipeline when omitted")
     group.add_argument("--quant", default=None, metavar="PRESET",
-                       help="fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the card's recipe, else fp)")
-    group.add_argument("--backend", default="fake", help="quantization backend: fake (reference), torchao")
+                       help="fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the --packed or card recipe, else fp)")
+    group.add_argument("--packed", default=None, metavar="FILE",
+                       help="packed quantized denoiser from `qsched quantize` (its recipe is used)")
+    group.add_argument("--backend", default="fake", help="quantization backend: fake (reference), torchao, quanto")
     group.add_argument("--steps", type=positive_int, default=None,
                        help="sampling steps (default: the card's, else the family's)")
     group.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's)")
@@ -50,18 +50,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
 
 
-def resolve_recipe(quant: str | None, card: ScheduleCard | None) -> QuantRecipe:
-    """The recipe to run: ``--quant`` if given, else the card's, else full precision.
-
-    A card calibrated for another recipe than ``--quant`` is refused: its
-    coefficients correct that recipe's error, not this one's.
-    """
-    if quant is None:
-        return QuantRecipe.from_dict(card.quant) if card is not None else parse_preset("fp")
-    recipe = parse_preset(quant)
-    if card is not None and QuantRecipe.from_dict(card.quant) != recipe:
-        raise QSchedError(
-            f"--quant {quant} differs from the card's recipe {card.quant.get('name')!r}; "
-            "drop --quant to use the card's recipe, or calibrate a card for this one"
-        )
-    return recipe
+def parse_quant(quant: str | None) -> QuantRecipe | None:
+    """``--quant PRESET`` as a recipe; None lets the packed checkpoint or card decide (else fp)."""
+    return None if quant is None else parse_preset(quant)
