@@ -68,7 +68,9 @@ def test_stats_round_trip_and_mismatch_detection(extractor, images, tmp_path) ->
     back = FID.load_stats(path, data_hash=ref.data_hash, extractor=extractor.identity())
     assert back.count == ref.count == 48 and back.data_hash == FID.images_hash(images)
     assert torch.equal(back.mean, ref.mean)
-    assert torch.allclose(back.cov, ref.cov, rtol=1e-5, atol=1e-9) and torch.equal(back.cov, back.cov.T)
+    assert torch.allclose(back.cov, ref.cov, rtol=1e-3, atol=1e-7) and torch.equal(back.cov, back.cov.T)
+    exact = FID.load_stats(FID.save_stats(ref, tmp_path / "ref64.safetensors", cov_dtype=torch.float64))
+    assert torch.equal(exact.cov, ref.cov)
     with pytest.raises(QSchedError, match="other data"):
         FID.load_stats(path, data_hash="0" * 16)
     with pytest.raises(QSchedError, match="another extractor"):
@@ -101,3 +103,13 @@ def test_reference_stats_use_a_matching_cache_and_recompute_a_stale_one(extracto
 def test_unknown_feature_kind_is_refused() -> None:
     with pytest.raises(QSchedError, match="allowed"):
         FID.feature_extractor("inception")  # type: ignore[arg-type]
+
+
+def test_shipped_effnet_reference_matches_the_data_and_the_extractor() -> None:
+    from qsched.builtin.effnet import file_sha256, weights_path
+
+    images, data_hash = FID._test_images()
+    identity = f"effnet-lite0:{file_sha256(weights_path())[:16]}:res{FID.EFFNET_RESOLUTION}:bilinear-aa:grey2rgb"
+    stats = FID.load_stats(FID.SHIPPED["effnet"], data_hash=data_hash, extractor=identity)
+    assert stats.count == images.shape[0] == 10_000 and stats.mean.shape == (1280,)
+    assert torch.isfinite(stats.cov).all() and float(torch.linalg.eigvalsh(stats.cov).min()) > -1e-4
