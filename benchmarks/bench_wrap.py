@@ -30,6 +30,8 @@ def time_steps(scheduler, latents: torch.Tensor, eps: torch.Tensor) -> float:
     start = time.perf_counter()
     x = latents
     for t in scheduler.timesteps:
+        if hasattr(scheduler, "scale_model_input"):
+            scheduler.scale_model_input(x, t)  # as pipelines do; Euler schedulers warn otherwise
         x = scheduler.step(eps, t, x, return_dict=False)[0]
     return (time.perf_counter() - start) / STEPS
 

@@ -17,9 +17,9 @@ _EXPORTS = {
     "QSchedCoefficients": "qsched.schedule",
     "ramp": "qsched.schedule",
     "constant": "qsched.schedule",
-    "wrap": "qsched.wrap",
-    "unwrap": "qsched.wrap",
-    "is_wrapped": "qsched.wrap",
+    "wrap": "qsched.scheduler",
+    "unwrap": "qsched.scheduler",
+    "is_wrapped": "qsched.scheduler",
     "ScheduleCard": "qsched.card",
 }
 

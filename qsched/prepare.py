@@ -16,7 +16,7 @@ from qsched.card import ScheduleCard
 from qsched.errors import QSchedError
 from qsched.families import LoadedPipeline, load_pipeline
 from qsched.quant import QuantRecipe, QuantReport, load_packed, parse_preset, quantize, read_packed_recipe
-from qsched.wrap import unwrap, wrap
+from qsched.scheduler import unwrap, wrap
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,9 @@ def evaluate(model: PooledCLIP, processor: Any, test_images: torch.Tensor, test_
     classes = class_text_embeddings(model, processor, heldout=True)
     feats = encode_images(model, test_images)
     acc = (feats @ classes.T).argmax(1).eq(test_labels).float().mean().item()
+    if n_iqa == 0:
+        model.train()
+        return {"zero_shot_acc": round(acc, 4), "iqa": {}}
     gen = torch.Generator().manual_seed(1234)
     x = test_images[:n_iqa]
     anchors = {name: encode_texts(model, processor, list(pair)) for name, pair in QUALITY_PROMPTS.items()}
@@ -229,6 +232,56 @@ def evaluate(model: PooledCLIP, processor: Any, test_images: torch.Tensor, test_
         iqa[name] = {kind: [round(score[(k, s)], 4) for k, s in (("none", 0), (kind, 1), (kind, 2))] for kind in D.KINDS[1:]}
     model.train()
     return {"zero_shot_acc": round(acc, 4), "iqa": iqa}
+
+
+@torch.no_grad()
+def evaluate_folder(path: str | Path | None = None, *, n_eval: int = 10_000, n_iqa: int = 1000) -> dict[str, Any]:
+    """Held-out numbers of a saved CLIP: zero-shot accuracy, CLIPScore match vs mismatch, CLIP-IQA orderings.
+
+    CLIP score and CLIP-IQA are computed by torchmetrics itself on uint8 [0, 255] images.
+    """
+    from torchmetrics.functional.multimodal import clip_score
+    from torchmetrics.multimodal import CLIPImageQualityAssessment
+
+    from qsched.builtin import captions
+    from qsched.builtin.clip import load_builtin_clip
+    from qsched.builtin.data import load_split
+
+    model, processor = load_builtin_clip(path)
+    test = load_split("test")
+    x = torch.from_numpy(test.images[:n_eval]).unsqueeze(1)
+    y = torch.from_numpy(test.labels[:n_eval])
+    metrics = evaluate(model, processor, x.float() / 255, y, n_iqa=0)
+    factory = lambda: (model, processor)  # noqa: E731
+    k = min(200, n_eval)
+    matched = [captions.HELDOUT_TEMPLATES[i % 6].format(captions.CLASS_PHRASES[int(y[i])][i % 4]) for i in range(k)]
+    wrong = [captions.HELDOUT_TEMPLATES[i % 6].format(captions.CLASS_PHRASES[(int(y[i]) + 1 + i % 9) % 10][i % 4]) for i in range(k)]
+    s_match = torch.stack([clip_score(x[i], matched[i], factory) for i in range(k)])
+    s_wrong = torch.stack([clip_score(x[i], wrong[i], factory) for i in range(k)])
+    metrics["clip_score"] = {"matched": round(float(s_match.mean()), 2), "mismatched": round(float(s_wrong.mean()), 2), "matched_higher": round(float((s_match > s_wrong).float().mean()), 4), "n": k}
+    iqa = CLIPImageQualityAssessment(model_name_or_path=factory, data_range=1.0, prompts=tuple(QUALITY_PROMPTS.values()))
+    gen = torch.Generator().manual_seed(4321)
+    clean = x[:n_iqa]
+    table: dict[str, dict[str, list[float]]] = {name: {} for name in QUALITY_PROMPTS}
+
+    def score(images: torch.Tensor) -> list[float]:
+        iqa.reset()
+        iqa.update(images.float())
+        out = iqa.compute()
+        return [float(out[f"user_defined_{i}"].mean()) for i in range(len(QUALITY_PROMPTS))]
+
+    base = score(clean)
+    for kind in D.KINDS[1:]:
+        levels = [base]
+        for level in (1, 2):
+            bad = D.degrade(clean.float() / 255, kind, D.level_midpoint(level), generator=gen)
+            levels.append(score(torch.round(bad * 255)))
+        for i, name in enumerate(QUALITY_PROMPTS):
+            table[name][kind] = [round(v[i], 4) for v in levels]
+    metrics["iqa"] = table
+    metrics["ordered_kinds"] = {name: ordering_ok(v) for name, v in table.items()}
+    metrics["n_iqa"] = n_iqa
+    return metrics
 
 
 def ordering_ok(iqa_kind: dict[str, list[float]]) -> int:
@@ -343,7 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    ap.add_argument("--evaluate", type=Path, default=None, metavar="DIR", help="only print held-out metrics of the CLIP saved in DIR")
     args = ap.parse_args(argv)
+    if args.evaluate is not None:
+        torch.set_num_threads(args.threads)
+        try:
+            print(json.dumps(evaluate_folder(args.evaluate), indent=1))
+        except QSchedError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.steps < 1 or args.batch_size < 2 or args.threads < 1:
         ap.error("--steps and --threads must be >= 1 and --batch-size >= 2")
     torch.set_num_threads(args.threads)

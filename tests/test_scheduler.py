@@ -1,4 +1,4 @@
-"""Unit tests of the scheduler wrapper on manual sampling loops (pipelines: test_wrap_contract.py)."""
+"""Unit tests of the scheduler wrapper on manual sampling loops (pipelines: test_scheduler_contract.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from qsched.errors import QSchedError
 from qsched.schedule import QSchedCoefficients
-from qsched.wrap import is_wrapped, unwrap, wrap
+from qsched.scheduler import is_wrapped, unwrap, wrap
 
 SCHEDULERS = [
     "LCMScheduler",

@@ -14,7 +14,7 @@ import torch
 
 from qsched.schedule import QSchedCoefficients
 from qsched.testing import TINY_CALL_KWARGS, build_tiny_pipeline
-from qsched.wrap import is_wrapped, wrap
+from qsched.scheduler import is_wrapped, wrap
 
 STEPS = 2
 # (tiny pipeline family, scheduler class swapped in, extra scheduler config)

@@ -1,0 +1,194 @@
+"""CLIP-based scorers: ``clip`` (text-image alignment) and ``clipiqa`` (no-reference quality).
+
+Both load a CLIP in transformers format (``CLIPModel`` + ``CLIPProcessor``) from a
+local folder, a hub id already in the local cache, or, by default, the built-in
+CLIP (``qsched/builtin/assets/clip``). Nothing is downloaded.
+
+``clip`` is torchmetrics' ``CLIPScore`` computed per image,
+``100 * max(cos(image, prompt), 0)``, with the text features of each prompt
+computed once and cached (calibration scores the same prompts for every
+candidate). ``clipiqa`` is torchmetrics' ``CLIPImageQualityAssessment``: for each
+antonym pair, the softmax probability of the positive prompt; with several pairs
+the score is their mean. Its text anchors are computed once, when it is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from qsched.errors import QSchedError
+
+#: CLIP-IQA pairs used when none are given: overall quality, as in CLIP-IQA's default
+#: ``"quality"`` prompt; for the built-in CLIP the pair it was trained on for that claim.
+DEFAULT_IQA_PROMPTS: tuple[str, ...] = ("quality",)
+
+
+def load_clip(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``(model, processor)`` with ``model.get_*_features`` returning tensors, float32, eval mode.
+
+    ``path`` None is the built-in CLIP. A missing folder or file raises
+    :class:`QSchedError` naming it.
+    """
+    from qsched.builtin.clip import ASSET_DIR, PooledCLIP, load_builtin_clip
+
+    if path is None:
+        if not ASSET_DIR.is_dir():
+            raise QSchedError(
+                f"the built-in CLIP weights are missing: {ASSET_DIR} does not exist; train them with "
+                "`python -m qsched.builtin.clip_train`, or pass a CLIP folder (clip_path / --clip PATH)"
+            )
+        return load_builtin_clip(None, device=device)
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise QSchedError(f"CLIP folder {folder} has no config.json; pass a CLIP saved in transformers format")
+        source, kwargs = str(folder), {}
+    elif _looks_like_hub_id(str(path)):
+        source, kwargs = str(path), {"local_files_only": True}
+    else:
+        raise QSchedError(f"CLIP folder {folder} does not exist; pass a CLIP saved in transformers format")
+    try:
+        model = CLIPModel.from_pretrained(source, dtype=torch.float32, **kwargs)
+        processor = CLIPProcessor.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        hint = " (qsched does not download: it must be a local folder or in the local cache)" if kwargs else ""
+        raise QSchedError(f"cannot load a CLIP from {source}{hint}: {err}") from None
+    return PooledCLIP(model).to(device).eval(), processor
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _as_255(images: torch.Tensor) -> torch.Tensor:
+    """[N, 1|3, H, W] in [0, 1] -> float [N, 3, H, W] in [0, 255] on CPU (what CLIP processors expect)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise QSchedError(f"images must be a tensor [N, 1 or 3, H, W] in [0, 1], got {shape}")
+    x = images.detach().to("cpu", torch.float32).clamp(0.0, 1.0) * 255.0
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class ClipScore:
+    """Per-image CLIP score ``100 * max(cos(image, prompt), 0)``; text features cached per prompt."""
+
+    def __init__(self, model: Any, processor: Any, *, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self._text: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text features [len(prompts), D], computed once per distinct prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if missing:
+            processed = self.processor(text=missing, return_tensors="pt", padding=True)
+            limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
+            ids, mask = processed["input_ids"], processed["attention_mask"]
+            if limit is not None and ids.shape[-1] > limit:  # torchmetrics truncates the same way
+                ids, mask = ids[..., :limit], mask[..., :limit]
+            features = self.model.get_text_features(ids.to(self.device), mask.to(self.device))
+            features = features / features.norm(p=2, dim=-1, keepdim=True)
+            self._text.update(zip(missing, features.float().cpu()))
+        return torch.stack([self._text[p] for p in prompts])
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features [N, D] of images in [0, 1]."""
+        x = _as_255(images)
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            pixels = self.processor(images=list(x[i : i + self.batch_size]), return_tensors="pt")["pixel_values"]
+            out.append(self.model.get_image_features(pixels.to(self.device)).float().cpu())
+        features = torch.cat(out)
+        return features / features.norm(p=2, dim=-1, keepdim=True)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise QSchedError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        cosine = (self.image_features(images) * self.text_features(prompts)).sum(-1)
+        return 100.0 * cosine.clamp(min=0.0)
+
+
+def clip_score_factory(
+    path: str | None = None, *, device: str = "cpu", batch_size: int = 64
+) -> ClipScore:
+    """The ``clip`` scorer: ``path`` is a CLIP folder in transformers format (None: the built-in CLIP)."""
+    model, processor = load_clip(path, device=device)
+    return ClipScore(model, processor, device=device, batch_size=batch_size)
+
+
+def resolve_iqa_prompts(prompts: Iterable[Any] | None, *, builtin: bool) -> tuple[Any, ...]:
+    """Prompt pairs for torchmetrics CLIP-IQA.
+
+    Each entry is a name or a ``(positive, negative)`` pair. With the built-in
+    CLIP, names of :data:`qsched.builtin.clip.QUALITY_PROMPTS` map to the pairs it
+    was trained on; other names go to torchmetrics (``quality``, ``brightness``, ...).
+    """
+    from qsched.builtin.clip import QUALITY_PROMPTS
+
+    entries = list(DEFAULT_IQA_PROMPTS if prompts is None else prompts)
+    if not entries:
+        raise QSchedError("clipiqa needs at least one prompt name or (positive, negative) pair")
+    resolved: list[Any] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            resolved.append(QUALITY_PROMPTS[entry] if builtin and entry in QUALITY_PROMPTS else entry)
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(isinstance(s, str) and s for s in entry):
+            resolved.append((entry[0], entry[1]))
+        else:
+            raise QSchedError(f"a clipiqa prompt is a name or a (positive, negative) pair of strings, got {entry!r}")
+    return tuple(resolved)
+
+
+class ClipIQA:
+    """CLIP-IQA per image via torchmetrics; the mean over prompt pairs when there are several."""
+
+    def __init__(self, metric: Any, prompts: tuple[Any, ...]) -> None:
+        self.metric = metric
+        self.prompts = prompts
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        x = _as_255(images)
+        self.metric.reset()
+        # torchmetrics divides by data_range *before* the CLIP processor, which rescales by
+        # 1/255 itself: images in [0, 255] with data_range=1 reach the model correctly.
+        self.metric.update(x)
+        out = self.metric.compute()
+        self.metric.reset()
+        if isinstance(out, dict):
+            out = torch.stack([v.reshape(-1) for v in out.values()]).mean(0)
+        return out.reshape(-1).float().cpu()
+
+
+def clip_iqa_factory(
+    path: str | None = None, *, prompts: Sequence[Any] | None = None, device: str = "cpu"
+) -> ClipIQA:
+    """The ``clipiqa`` scorer: ``path`` a CLIP folder (None: built-in), ``prompts`` antonym pairs or names."""
+    import functools
+
+    from torchmetrics.multimodal import CLIPImageQualityAssessment
+
+    resolved = resolve_iqa_prompts(prompts, builtin=path is None)
+    model, processor = load_clip(path, device=device)
+    loader = functools.partial(_loaded, model, processor)
+    try:
+        metric = CLIPImageQualityAssessment(model_name_or_path=loader, data_range=1.0, prompts=resolved)
+    except ValueError as err:
+        raise QSchedError(f"clipiqa prompts {list(resolved)!r} are not valid: {err}") from None
+    return ClipIQA(metric.to(device), resolved)
+
+
+def _loaded(model: Any, processor: Any) -> tuple[Any, Any]:
+    return model, processor
