@@ -92,6 +92,10 @@ class FamilySpec:
     lora_weight_name: str | None = None
     #: ``"module:Class"`` of a custom pipeline class; None loads with DiffusionPipeline.
     pipeline_class: str | None = None
+    #: Folder of the weights qsched ships for this family: ``load_pipeline(<family name>)`` loads it.
+    default_folder: str | None = None
+    #: What to run when ``default_folder`` is missing (shown in the error).
+    default_folder_hint: str = ""
     #: Free-text provenance of the defaults (not part of equality).
     notes: str = field(default="", compare=False)
 
@@ -392,6 +396,14 @@ def _load_lora(pipe: Any, lora: str | Path, spec: FamilySpec) -> str:
     return source
 
 
+def _shipped_family(model: str | Path) -> FamilySpec | None:
+    """The family whose shipped weights ``model`` names (e.g. ``"builtin"``), if any."""
+    if not isinstance(model, str) or model not in _REGISTRY:
+        return None
+    spec = _REGISTRY[model]
+    return spec if spec.default_folder is not None else None
+
+
 def _dtype_keyword() -> str:
     """``dtype`` where diffusers takes it (it deprecates ``torch_dtype``), else ``torch_dtype``."""
     from diffusers.utils import deprecation_utils
@@ -414,6 +426,15 @@ def load_pipeline(
     own scheduler config plus the family overrides; the safety checker is off;
     ``lora`` (a .safetensors file, a folder, or a cached hub id) is fused.
     """
+    shipped = _shipped_family(model)
+    if shipped is not None:
+        family = family or shipped.name
+        model = shipped.default_folder
+        if not Path(model).is_dir():
+            raise QSchedError(
+                f"the weights of the built-in model {shipped.name!r} are missing ({model}); "
+                f"{shipped.default_folder_hint or 'reinstall qsched'}"
+            )
     folder, source = _resolve_model_folder(model)
     index = _read_model_index(folder, source)
     spec = get_family(family) if family is not None else _detect_from_folder(folder, index)
@@ -528,6 +549,52 @@ for _spec in (
         denoiser_attr="transformer",
         notes="diffusers Flux docs (timestep-distilled): guidance_scale=0, "
         "max_sequence_length at most 256; shift 1.0 without dynamic shifting as in its config.",
+    ),
+):
+    register_family(_spec)
+del _spec
+
+
+# --- the built-in model world (trained and shipped by qsched, see qsched/builtin) ---
+
+_BUILTIN_ASSETS = Path(__file__).resolve().parent / "builtin" / "assets"
+_BUILTIN_SCHEDULE_NOTE = (
+    "Pixel-space 32x32 Fashion-MNIST model with the MiniLM text encoder; v-prediction, "
+    "zero terminal SNR, trailing timesteps; see qsched/builtin/MODEL_CARD.md."
+)
+
+for _spec in (
+    FamilySpec(
+        name="builtin",
+        description="qsched's own few-step model (LCM-distilled, Fashion-MNIST, 32x32)",
+        hub_id="(shipped with qsched)",
+        pipeline_classes=("QSchedBuiltinPipeline",),
+        scheduler_class="LCMScheduler",
+        detect_schedulers=("LCMScheduler",),
+        default_steps=4,
+        allowed_steps=(1, 2, 4, 8),
+        guidance_scale=3.0,
+        denoiser_attr="unet",
+        pipeline_class="qsched.builtin.pipeline:QSchedBuiltinPipeline",
+        default_folder=str(_BUILTIN_ASSETS / "student"),
+        default_folder_hint="train it with `python -m qsched.builtin.train student` (see qsched/builtin/MODEL_CARD.md)",
+        notes=_BUILTIN_SCHEDULE_NOTE,
+    ),
+    FamilySpec(
+        name="builtin-teacher",
+        description="the many-step teacher of the built-in model (DDIM, classifier-free guidance)",
+        hub_id="(shipped with qsched)",
+        pipeline_classes=("QSchedBuiltinPipeline",),
+        scheduler_class="DDIMScheduler",
+        detect_schedulers=("DDIMScheduler",),
+        default_steps=25,
+        allowed_steps=(4, 8, 10, 25, 50),
+        guidance_scale=3.0,
+        denoiser_attr="unet",
+        pipeline_class="qsched.builtin.pipeline:QSchedBuiltinPipeline",
+        default_folder=str(_BUILTIN_ASSETS / "teacher"),
+        default_folder_hint="train it with `python -m qsched.builtin.train teacher` (see qsched/builtin/MODEL_CARD.md)",
+        notes=_BUILTIN_SCHEDULE_NOTE,
     ),
 ):
     register_family(_spec)
