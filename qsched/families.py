@@ -563,39 +563,34 @@ _BUILTIN_SCHEDULE_NOTE = (
     "zero terminal SNR, trailing timesteps; see qsched/builtin/MODEL_CARD.md."
 )
 
-for _spec in (
-    FamilySpec(
-        name="builtin",
-        description="qsched's own few-step model (LCM-distilled, Fashion-MNIST, 32x32)",
+
+def _builtin_spec(stage: str, *, description: str, scheduler_class: str, default_steps: int,
+                  allowed_steps: tuple[int, ...]) -> FamilySpec:
+    """A family of the built-in model; ``stage`` is its folder under the shipped assets."""
+    return FamilySpec(
+        name="builtin" if stage == "student" else f"builtin-{stage}",
+        description=description,
         hub_id="(shipped with qsched)",
         pipeline_classes=("QSchedBuiltinPipeline",),
-        scheduler_class="LCMScheduler",
-        detect_schedulers=("LCMScheduler",),
-        default_steps=4,
-        allowed_steps=(1, 2, 4, 8),
+        scheduler_class=scheduler_class,
+        detect_schedulers=(scheduler_class,),
+        default_steps=default_steps,
+        allowed_steps=allowed_steps,
         guidance_scale=3.0,
         denoiser_attr="unet",
         pipeline_class="qsched.builtin.pipeline:QSchedBuiltinPipeline",
-        default_folder=str(_BUILTIN_ASSETS / "student"),
-        default_folder_hint="train it with `python -m qsched.builtin.train student` (see qsched/builtin/MODEL_CARD.md)",
+        default_folder=str(_BUILTIN_ASSETS / stage),
+        default_folder_hint=f"train it with `python -m qsched.builtin.train {stage}` "
+        "(see qsched/builtin/MODEL_CARD.md)",
         notes=_BUILTIN_SCHEDULE_NOTE,
-    ),
-    FamilySpec(
-        name="builtin-teacher",
-        description="the many-step teacher of the built-in model (DDIM, classifier-free guidance)",
-        hub_id="(shipped with qsched)",
-        pipeline_classes=("QSchedBuiltinPipeline",),
-        scheduler_class="DDIMScheduler",
-        detect_schedulers=("DDIMScheduler",),
-        default_steps=25,
-        allowed_steps=(4, 8, 10, 25, 50),
-        guidance_scale=3.0,
-        denoiser_attr="unet",
-        pipeline_class="qsched.builtin.pipeline:QSchedBuiltinPipeline",
-        default_folder=str(_BUILTIN_ASSETS / "teacher"),
-        default_folder_hint="train it with `python -m qsched.builtin.train teacher` (see qsched/builtin/MODEL_CARD.md)",
-        notes=_BUILTIN_SCHEDULE_NOTE,
-    ),
-):
-    register_family(_spec)
-del _spec
+    )
+
+
+register_family(_builtin_spec(
+    "student", description="qsched's own few-step model (LCM-distilled, Fashion-MNIST, 32x32)",
+    scheduler_class="LCMScheduler", default_steps=4, allowed_steps=(1, 2, 4, 8),
+))
+register_family(_builtin_spec(
+    "teacher", description="the many-step teacher of the built-in model (DDIM, classifier-free guidance)",
+    scheduler_class="DDIMScheduler", default_steps=25, allowed_steps=(4, 8, 10, 25, 50),
+))
