@@ -96,6 +96,13 @@ def test_degradations_keep_range_and_claims_are_consistent() -> None:
     assert table[D.CLAIM_NAMES.index("good"), 0, 0] and not table[D.CLAIM_NAMES.index("good"), D.KINDS.index("noise"), 1]
     assert table[D.CLAIM_NAMES.index("very_noisy"), D.KINDS.index("blotch"), 2]
     assert not table[D.CLAIM_NAMES.index("very_noisy"), D.KINDS.index("blotch"), 1]
+    kinds = torch.tensor([0, D.KINDS.index("noise"), D.KINDS.index("blur")])
+    w = D.claim_weights(kinds, torch.tensor([0, 1, 2]), torch.tensor([0.0, 0.4, 0.8]))
+    col = {name: w[:, i] for i, name in enumerate(D.CLAIM_NAMES)}
+    assert col["good"].tolist() == [1.0, 0.5, 0.0] and col["bad"].tolist() == [0.0, 0.5, 1.0]
+    assert col["noisy"].tolist() == [0.0, 0.5, 0.0] and col["clean"].tolist() == [1.0, 0.5, 1.0]
+    assert col["blurry"].tolist() == [0.0, 0.0, 1.0] and col["very_blurry"].tolist() == [0.0, 0.0, 1.0]
+    assert col["none"].tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(QSchedError, match="allowed"):
         D.degrade(x, "jpeg", 0.5)
     with pytest.raises(QSchedError, match=r"\[0, 1\]"):

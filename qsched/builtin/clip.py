@@ -16,6 +16,7 @@ because torchmetrics divides by ``data_range`` *before* the processor, which res
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -172,6 +173,7 @@ def new_clip(spec: ClipSpec, tokenizer: CLIPTokenizer, *, seed: int = 0) -> CLIP
             "projection_dim": spec.projection_dim,
         },
         projection_dim=spec.projection_dim,
+        logit_scale_init_value=math.log(100.0),  # the fixed scale CLIPScore / CLIP-IQA use
     )
     torch.manual_seed(seed)
     model = CLIPModel(config)

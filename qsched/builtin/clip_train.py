@@ -4,8 +4,11 @@ Half of each batch is degraded (noise, salt-and-pepper, blotches, blur, blockine
 contrast loss, posterization; mild or strong) and captioned with true quality claims
 ("a slightly noisy photo of a coat", "a blurry photo", "a good photo"), the rest with
 class captions. Many captions in a batch are true of many images, so the loss is a
-multi-positive InfoNCE: each image's target is uniform over all captions true of it and
-vice versa. Resumable: weights and optimizer state in safetensors, progress in JSON.
+multi-positive InfoNCE: each image's target over the batch captions is proportional to how
+true each caption is of it (and vice versa); graded antonym pairs ("clean"/"noisy") share
+the weight by severity (see ``degrade.claim_weights``). The logit scale is fixed at 100, the
+scale CLIPScore and CLIP-IQA apply, so the pair probabilities CLIP-IQA reports are the ones
+trained. Resumable: weights and optimizer state in safetensors, progress in JSON.
 
     python -m qsched.builtin.clip_train --threads 1 --out runs/builtin/clip \
         --final qsched/builtin/assets/clip
@@ -116,16 +119,15 @@ def sample_captions(labels: torch.Tensor, kinds: torch.Tensor, levels: torch.Ten
     return torch.tensor(out)
 
 
-def positives(img_cls: torch.Tensor, kinds: torch.Tensor, levels: torch.Tensor, cap_cls: torch.Tensor, cap_claim: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Bool [images, captions]: caption j is true of image i (class matches or unstated, claim holds)."""
+def pair_weights(img_cls: torch.Tensor, img_claims: torch.Tensor, cap_cls: torch.Tensor, cap_claim: torch.Tensor) -> torch.Tensor:
+    """Float [images, captions]: how true caption j is of image i (class must match or be unstated)."""
     cls_ok = (cap_cls[None, :] == -1) | (cap_cls[None, :] == img_cls[:, None])
-    claim_ok = table[cap_claim[None, :], kinds[:, None], levels[:, None]]
-    return cls_ok & claim_ok
+    return cls_ok.to(img_claims.dtype) * img_claims[:, cap_claim]
 
 
-def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE whose targets are uniform over all true pairs of each row / column."""
-    t = pos.to(logits.dtype)
+def multi_positive_loss(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE whose targets are proportional to ``weights`` (truth of each pair) per row / column."""
+    t = weights.to(logits.dtype)
     i2t = -(t / t.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
     t2i = -(t / t.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
     return 0.5 * (i2t + t2i)
@@ -292,6 +294,16 @@ def ordering_ok(iqa_kind: dict[str, list[float]]) -> int:
 # ----------------------------------------------------------------------------- training
 
 
+def _optimizer(model: PooledCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (not embeddings, norms, biases); the logit scale stays fixed at 100."""
+    model.clip.logit_scale.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
 def train(cfg: TrainConfig, *, out: Path, final: Path | None, eval_every: int = 200, ckpt_every: int = 100, n_eval: int = 2000, fresh: bool = False, log=print) -> dict[str, Any]:
     """Run (or resume) training; writes checkpoints to ``out/ckpt`` and the final model to ``final``."""
     from tqdm import tqdm
@@ -309,9 +321,7 @@ def train(cfg: TrainConfig, *, out: Path, final: Path | None, eval_every: int = 
     tokenizer = build_tokenizer(vocabulary_words(), max_length=cfg.spec.max_text_length)
     processor = build_processor(tokenizer, image_size=cfg.spec.image_size)
     model = PooledCLIP(new_clip(cfg.spec, tokenizer, seed=cfg.seed)).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = _optimizer(model, cfg)
 
     step, history, elapsed = 0, [], 0.0
     if ckpt.is_dir() and (ckpt / "state.json").is_file() and not fresh:
@@ -322,15 +332,12 @@ def train(cfg: TrainConfig, *, out: Path, final: Path | None, eval_every: int = 
         from transformers import CLIPModel
 
         model = PooledCLIP(CLIPModel.from_pretrained(ckpt, dtype=torch.float32)).train()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        opt = _optimizer(model, cfg)
         state = load_checkpoint(ckpt, opt)
         step, history, elapsed = state["step"], state["history"], state["elapsed_s"]
         log(f"resumed from {ckpt} at step {step} ({elapsed / 60:.1f} min trained)")
 
     pool = build_caption_pool(tokenizer)
-    table = D.claim_table()
     log(f"CLIP params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; captions: {len(pool.cls)}; vocab: {len(tokenizer)}")
     bar = tqdm(total=cfg.steps, initial=step, desc="clip", mininterval=30, file=sys.stderr)
     t0 = time.perf_counter() - elapsed
@@ -340,11 +347,11 @@ def train(cfg: TrainConfig, *, out: Path, final: Path | None, eval_every: int = 
         rng = random.Random(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, train_x.shape[0], (cfg.batch_size,), generator=gen)
         x = augment(train_x[idx].float() / 255, gen)
-        x, kinds, levels = D.random_degrade(x, p_clean=cfg.p_clean, generator=gen)
+        x, kinds, levels, severity = D.random_degrade(x, p_clean=cfg.p_clean, generator=gen)
         x = torch.round(x * 255) / 255  # what an 8-bit image would carry
         labels = train_y[idx]
         rows = sample_captions(labels, kinds, levels, pool, rng)
-        pos = positives(labels, kinds, levels, pool.cls[rows], pool.claim[rows], table)
+        weights = pair_weights(labels, D.claim_weights(kinds, levels, severity), pool.cls[rows], pool.claim[rows])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         img = F.normalize(model.get_image_features(to_pixel_values(x)), dim=-1)
@@ -352,13 +359,11 @@ def train(cfg: TrainConfig, *, out: Path, final: Path | None, eval_every: int = 
         length = int(mask.sum(1).max())  # trim the padding shared by the whole batch
         txt = F.normalize(model.get_text_features(pool.input_ids[rows, :length], mask[:, :length]), dim=-1)
         logits = model.clip.logit_scale.exp() * img @ txt.T
-        loss = multi_positive_loss(logits, pos)
+        loss = multi_positive_loss(logits, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            model.clip.logit_scale.clamp_(0.0, math.log(100.0))
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)

@@ -102,8 +102,8 @@ def level_midpoint(level: int) -> float:
 
 def random_degrade(
     images: torch.Tensor, *, p_clean: float = 0.5, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Degrade a random subset: returns (images, kind index [N], level [N] in {0, 1, 2})."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Degrade a random subset: returns (images, kind index [N], level [N] in {0, 1, 2}, severity u [N])."""
     n = images.shape[0]
     clean = torch.rand(n, generator=generator) < p_clean
     kind = torch.randint(1, len(KINDS), (n,), generator=generator)
@@ -116,7 +116,7 @@ def random_degrade(
         sel = kind == k
         if bool(sel.any()):
             out[sel] = degrade(out[sel], KINDS[k], u[sel], generator=generator)
-    return out, kind, level
+    return out, kind, level, u
 
 
 # ----------------------------------------------------------------------------- quality claims
@@ -147,6 +147,18 @@ CLAIMS: dict[str, tuple[tuple[str, ...], object]] = {
 CLAIM_NAMES: tuple[str, ...] = ("none",) + tuple(CLAIMS)
 #: claims a clean image is described with.
 CLEAN_CLAIMS: tuple[str, ...] = ("good", "clean", "sharp", "high_contrast", "smooth")
+#: graded antonym claims: (positive claim, negative claim, kinds whose severity moves them)
+GRADED: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("good", "bad", frozenset(KINDS[1:])),
+    ("clean", "noisy", NOISE_KINDS),
+    ("sharp", "blurry", frozenset({"blur"})),
+    ("high_contrast", "low_contrast", frozenset({"contrast"})),
+    ("smooth", "blocky", frozenset({"block"})),
+    ("smooth", "banded", frozenset({"posterize"})),
+    ("smooth", "noisy", NOISE_KINDS),
+)
+#: severity at which a graded claim is fully negative (weight g(u) = min(1, u / FULL_SEVERITY))
+FULL_SEVERITY = 0.8
 
 
 def claim_table() -> torch.Tensor:
@@ -160,6 +172,25 @@ def claim_table() -> torch.Tensor:
                 valid = (kind == "none") == (s == 0)
                 t[ci, ki, s] = valid and bool(pred(kind, s))  # type: ignore[operator]
     return t
+
+
+def claim_weights(kinds: torch.Tensor, levels: torch.Tensor, severity: torch.Tensor) -> torch.Tensor:
+    """Float [N, num claims]: how true each claim is of each image, in [0, 1].
+
+    Level-specific claims ("slightly noisy", "heavily degraded") are 0 or 1. Graded antonym
+    pairs share the weight: with g = min(1, u / FULL_SEVERITY) for an image of a kind that moves
+    the pair, the negative claim ("noisy", "bad") gets g and the positive one ("clean", "good")
+    1 - g. Trained against these targets at the metric's logit scale of 100, CLIP-IQA on a pair
+    approximates 1 - g: graded with severity rather than a saturated yes/no.
+    """
+    w = claim_table()[:, kinds, levels].T.to(torch.float32).clone()  # [N, C] binary truth
+    g = (severity.to(torch.float32) / FULL_SEVERITY).clamp(0.0, 1.0)
+    for positive, negative, moved in GRADED:
+        hit = torch.tensor([kind in moved for kind in KINDS], dtype=torch.bool)[kinds]
+        pi, ni = CLAIM_NAMES.index(positive), CLAIM_NAMES.index(negative)
+        w[:, ni] = torch.where(hit, g, w[:, ni])
+        w[:, pi] = torch.where(hit, 1.0 - g, w[:, pi])
+    return w
 
 
 def true_claims(kind: str, level: int) -> list[str]:
