@@ -62,6 +62,9 @@ def test_save_reload_identical(tmp_path, distilled):
     assert type(again.scheduler) is type(pipe.scheduler)
     loaded = load_builtin_pipeline(tmp_path)
     assert isinstance(loaded, QSchedBuiltinPipeline)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(QSchedError, match="diffusion_pytorch_model.safetensors|corrupt"):
+        load_builtin_pipeline(tmp_path)
 
 
 def test_generator_list_independent_of_batch(student):

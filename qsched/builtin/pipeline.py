@@ -174,9 +174,11 @@ def load_builtin_pipeline(
         if not (folder / rel).is_file():
             raise QSchedError(f"built-in pipeline file {folder / rel} is missing; reinstall qsched or retrain "
                               "(python -m qsched.builtin.train, see qsched/builtin/MODEL_CARD.md)")
+    from safetensors import SafetensorError
+
     try:
         pipe = QSchedBuiltinPipeline.from_pretrained(str(folder), torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise QSchedError(f"cannot load the built-in pipeline from {folder}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise QSchedError(f"cannot load the built-in pipeline from {folder} (corrupt or incompatible file?): {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
