@@ -92,7 +92,7 @@ def build_scorer(name: str, **options: Any) -> Scorer:
     except (TypeError, ValueError):
         signature = None
     if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        allowed = [p for p in signature.parameters if signature.parameters[p].kind is not p.VAR_POSITIONAL]
+        allowed = [n for n, p in signature.parameters.items() if p.kind is not p.VAR_POSITIONAL]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise QSchedError(

@@ -67,13 +67,17 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-def _as_255(images: torch.Tensor) -> torch.Tensor:
-    """[N, 1|3, H, W] in [0, 1] -> float [N, 3, H, W] in [0, 255] on CPU (what CLIP processors expect)."""
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, 1|3, H, W] in [0, 1] -> uint8 [N, 3, H, W] on CPU, the input every CLIP processor reads right.
+
+    (The PIL-backed processors used without torchvision reject floats above 1 and
+    rescale floats in [0, 1] a second time; uint8 is what a saved PNG holds anyway.)
+    """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise QSchedError(f"images must be a tensor [N, 1 or 3, H, W] in [0, 1], got {shape}")
-    x = images.detach().to("cpu", torch.float32).clamp(0.0, 1.0) * 255.0
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = (images.detach().to("cpu", torch.float32).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
 class ClipScore:
@@ -104,7 +108,7 @@ class ClipScore:
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features [N, D] of images in [0, 1]."""
-        x = _as_255(images)
+        x = as_uint8(images)
         out = []
         for i in range(0, x.shape[0], self.batch_size):
             pixels = self.processor(images=list(x[i : i + self.batch_size]), return_tensors="pt")["pixel_values"]
@@ -152,43 +156,38 @@ def resolve_iqa_prompts(prompts: Iterable[Any] | None, *, builtin: bool) -> tupl
 
 
 class ClipIQA:
-    """CLIP-IQA per image via torchmetrics; the mean over prompt pairs when there are several."""
+    """CLIP-IQA per image: for each antonym pair, softmax(100 * cos(image, [positive, negative]))[positive].
 
-    def __init__(self, metric: Any, prompts: tuple[Any, ...]) -> None:
-        self.metric = metric
+    The anchors (text features of the pairs) come from torchmetrics'
+    ``CLIPImageQualityAssessment``, built once; the formula is torchmetrics'. Images
+    go through :class:`ClipScore`'s image path (uint8 into the processor). With
+    several pairs the score is their mean.
+    """
+
+    def __init__(self, images: ClipScore, anchors: torch.Tensor, prompts: tuple[Any, ...]) -> None:
+        self.encoder = images
+        self.anchors = anchors.detach().float().cpu()
         self.prompts = prompts
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        x = _as_255(images)
-        self.metric.reset()
-        # torchmetrics divides by data_range *before* the CLIP processor, which rescales by
-        # 1/255 itself: images in [0, 255] with data_range=1 reach the model correctly.
-        self.metric.update(x)
-        out = self.metric.compute()
-        self.metric.reset()
-        if isinstance(out, dict):
-            out = torch.stack([v.reshape(-1) for v in out.values()]).mean(0)
-        return out.reshape(-1).float().cpu()
+        features = self.encoder.image_features(images)
+        logits = 100.0 * features @ self.anchors.T
+        probs = logits.reshape(features.shape[0], -1, 2).softmax(-1)[:, :, 0]
+        return probs.mean(-1)
 
 
 def clip_iqa_factory(
-    path: str | None = None, *, prompts: Sequence[Any] | None = None, device: str = "cpu"
+    path: str | None = None, *, prompts: Sequence[Any] | None = None, device: str = "cpu", batch_size: int = 64
 ) -> ClipIQA:
     """The ``clipiqa`` scorer: ``path`` a CLIP folder (None: built-in), ``prompts`` antonym pairs or names."""
-    import functools
-
     from torchmetrics.multimodal import CLIPImageQualityAssessment
 
     resolved = resolve_iqa_prompts(prompts, builtin=path is None)
     model, processor = load_clip(path, device=device)
-    loader = functools.partial(_loaded, model, processor)
     try:
-        metric = CLIPImageQualityAssessment(model_name_or_path=loader, data_range=1.0, prompts=resolved)
+        metric = CLIPImageQualityAssessment(model_name_or_path=lambda: (model, processor), data_range=1.0, prompts=resolved)
     except ValueError as err:
         raise QSchedError(f"clipiqa prompts {list(resolved)!r} are not valid: {err}") from None
-    return ClipIQA(metric.to(device), resolved)
-
-
-def _loaded(model: Any, processor: Any) -> tuple[Any, Any]:
-    return model, processor
+    encoder = ClipScore(model, processor, device=device, batch_size=batch_size)
+    return ClipIQA(encoder, metric.anchors, resolved)

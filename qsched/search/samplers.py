@@ -100,9 +100,8 @@ class SearchSettings:
                 import cmaes  # noqa: F401
             except ImportError:
                 raise QSchedError("--search cmaes needs the cmaes package (pip install cmaes)") from None
-            x0 = {name: 1.0 for name in space.param_names}
-            sigma0 = (space.high - space.low) / 4
-            return optuna.samplers.CmaEsSampler(x0=x0, sigma0=sigma0, seed=seed, warn_independent_sampling=False)
+            # CMA-ES starts at the centre of the box with sigma = range / 6 (optuna's defaults).
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         return optuna.samplers.RandomSampler(seed=seed)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""``qsched calibrate``: search the Q-Sched coefficients of a quantized model; write a schedule card."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from qsched.cli.options import add_model_options, non_negative_int, positive_int
+
+DEFAULT_QUANT = "w4a8"
+
+
+def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
+    from qsched.search.samplers import DEFAULT_GRID_POINTS, DEFAULT_TRIALS, STRATEGIES
+    from qsched.search.space import DEFAULT_BOUNDS, SPACES
+
+    parser = sub.add_parser(
+        "calibrate",
+        parents=parents,
+        help="find Q-Sched coefficients for a quantized model (JAQ search)",
+        description=(
+            "Search the per-step coefficients (c_x, c_eps) of a quantized model that maximise "
+            "JAQ = alignment + k * quality over calibration prompts, running only the quantized model. "
+            "Writes OUT/card.json, trials.csv, landscape.png, compare.png, run.json and the study (study.db)."
+        ),
+    )
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="calibration prompts: .txt, .json, .yaml, .csv (default: the 16 built-in ones)")
+    add_model_options(parser)
+    for action in parser._actions:  # calibration has no card: its own default recipe
+        if action.dest == "quant":
+            action.help = f"fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: {DEFAULT_QUANT}; fp needs --allow-fp)"
+    group = parser.add_argument_group("search")
+    group.add_argument("--search", default="grid", choices=STRATEGIES, help="strategy (default: %(default)s, the paper's)")
+    group.add_argument("--space", default="ramp", choices=SPACES,
+                       help="ramp: searched starts ramping to 1 (the paper); ramp-end: also the ends; per-step: free values")
+    group.add_argument("--bounds", nargs=2, type=float, default=list(DEFAULT_BOUNDS), metavar=("LOW", "HIGH"),
+                       help="range of every searched coefficient; must contain 1 (default: %(default)s)")
+    group.add_argument("--grid-points", type=positive_int, default=DEFAULT_GRID_POINTS, metavar="N",
+                       help="grid values per parameter, bounds included (default: %(default)s)")
+    group.add_argument("--trials", type=positive_int, default=None, metavar="N",
+                       help=f"candidates for tpe/cmaes/random, the baseline included (default: {DEFAULT_TRIALS})")
+    group.add_argument("--seed", type=non_negative_int, default=0, help="noise and sampler seed (default: %(default)s)")
+    group = parser.add_argument_group("objective (JAQ = T(alignment) + k * quality)")
+    group.add_argument("--alignment", default="clip", help="alignment scorer (default: %(default)s)")
+    group.add_argument("--quality", default="clipiqa", help="quality scorer (default: %(default)s)")
+    group.add_argument("--k", type=float, default=1.0, help="weight of the quality term (default: %(default)s)")
+    group.add_argument("--transform", default="log", help="alignment transform: log (the paper's log CLIP score) or none")
+    group.add_argument("--normalize", default="none",
+                       help="none, or zscore: each term in units of the uncorrected model's spread (default: %(default)s)")
+    group.add_argument("--clip", default=None, metavar="PATH",
+                       help="CLIP folder (transformers format) for clip/clipiqa (default: the built-in CLIP)")
+    group.add_argument("--iqa-prompts", nargs="+", default=None, metavar="PAIR",
+                       help="CLIP-IQA antonym pairs 'positive|negative' or names (default: quality)")
+    group = parser.add_argument_group("state")
+    group.add_argument("--storage", default=None, metavar="URL",
+                       help="optuna database URL shared by workers (default: sqlite in OUT/study.db)")
+    group.add_argument("--study", default="qsched-calibrate", metavar="NAME", help="study name (default: %(default)s)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the study (a killed run, or join as one more worker); settings must match")
+    parser.add_argument("--allow-fp", action="store_true",
+                        help="calibrate the full-precision model on purpose (a control; never the default)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an existing --out (deletes its study)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def _scorer_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if name in ("clip", "clipiqa") and args.clip is not None:
+        options["path"] = args.clip
+    if name == "clipiqa" and args.iqa_prompts is not None:
+        options["prompts"] = [p.split("|", 1) if "|" in p else p for p in args.iqa_prompts]
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    import optuna
+
+    from qsched.calibrate import calibrate
+    from qsched.quant import parse_preset
+    from qsched.score.jaq import JAQ
+    from qsched.search.samplers import SearchSettings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = SearchSettings(
+        strategy=args.search, space=args.space, low=args.bounds[0], high=args.bounds[1],
+        trials=args.trials, grid_points=args.grid_points, seed=args.seed,
+    )
+    jaq = JAQ(
+        alignment=args.alignment, quality=args.quality, k=args.k, transform=args.transform, normalize=args.normalize,
+        alignment_options=_scorer_options(args.alignment, args), quality_options=_scorer_options(args.quality, args),
+    )
+    result = calibrate(
+        args.model,
+        recipe=parse_preset(args.quant or DEFAULT_QUANT),
+        out=args.out,
+        search=search,
+        jaq=jaq,
+        prompts_file=args.prompts,
+        storage=args.storage,
+        study=args.study,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_full_precision=args.allow_fp,
+        family=args.family,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    return 0
