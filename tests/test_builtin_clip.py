@@ -107,3 +107,24 @@ def test_degradations_keep_range_and_claims_are_consistent() -> None:
         D.degrade(x, "jpeg", 0.5)
     with pytest.raises(QSchedError, match=r"\[0, 1\]"):
         D.degrade(x, "noise", 1.5)
+
+
+def test_training_checkpoints_resume_and_refuse_another_recipe(tmp_path: Path) -> None:
+    from qsched.builtin import clip_train as T
+
+    cfg = T.TrainConfig(steps=2, batch_size=16, warmup=1, spec=TINY)
+    logs: list[str] = []
+    T.train(cfg, out=tmp_path / "run", final=tmp_path / "final", eval_every=2, ckpt_every=1, n_eval=64, log=logs.append)
+    ckpt = tmp_path / "run" / "ckpt"
+    state = __import__("json").loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2 and state["history"][-1]["step"] == 2 and (ckpt / "optimizer.safetensors").is_file()
+    model, _ = C.load_builtin_clip(tmp_path / "final")
+    assert float(model.clip.logit_scale.detach().exp()) == pytest.approx(100.0)
+    opt = T._optimizer(model, cfg)
+    T.load_checkpoint(ckpt, opt)
+    assert len(opt.state) == sum(1 for p in model.parameters() if p.requires_grad)
+    logs.clear()
+    T.train(cfg, out=tmp_path / "run", final=None, n_eval=64, log=logs.append)
+    assert any("resumed" in line and "step 2" in line for line in logs)
+    with pytest.raises(QSchedError, match="another recipe"):
+        T.train(T.TrainConfig(steps=3, batch_size=16, warmup=1, spec=TINY), out=tmp_path / "run", final=None, n_eval=64, log=logs.append)
