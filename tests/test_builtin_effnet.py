@@ -43,7 +43,7 @@ def test_corrupt_weight_file_names_the_file(tmp_path) -> None:
 
 @torch.no_grad()
 def test_classifies_real_photos(net: E.EfficientNetLite0) -> None:
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata  # test dependency: scikit-image (bundles the photos)
     coffee = net(_center_crop(skdata.coffee())).softmax(-1)[0]
     assert int(coffee.argmax()) == E.IMAGENET_INDEX["espresso"] and coffee.max() > 0.5
     cat = net(_center_crop(skdata.chelsea())).softmax(-1)[0]
