@@ -26,6 +26,7 @@ database URL), so a killed run resumes and several processes share one search:
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -76,19 +77,33 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
     if url.startswith("sqlite"):
         # Several workers write one file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 120}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=requeue,
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QSchedError(f"cannot open storage {redact(url)}: {first}") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=requeue,
+                )
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
+            # Workers starting together on a new database race to create its tables (and
+            # its schema version row); the loser succeeds on a second try.
+            racing = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err) or "locked" in str(err)
+            if racing and attempt < 4:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise QSchedError(f"cannot open storage {redact(url)}: {_first_line(err)}") from None
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError, OSError) as err:
+            raise QSchedError(f"cannot open storage {redact(url)}: {_first_line(err)}") from None
+    raise AssertionError("unreachable")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- study creation and settings ---------------------------------------------------------
@@ -268,8 +283,14 @@ def reap_dead(study: Any, storage: Any, worker: WorkerIdentity) -> list[int]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # other hosts: heartbeat older than the grace period
     study_id = storage.get_study_id_from_name(study.study_name)
+    grace = getattr(storage, "grace_period", None) or 2 * (getattr(storage, "heartbeat_interval", None) or 30)
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not worker.owns_dead(t.user_attrs.get(WORKER_ATTR)):
+        owner = t.user_attrs.get(WORKER_ATTR)
+        # A worker killed between ask() and recording itself leaves a trial with no owner
+        # and no heartbeat: it is orphaned once it is older than the grace period.
+        orphan = owner is None and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace
+        if not (orphan or worker.owns_dead(owner)):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
@@ -458,6 +479,7 @@ def run_worker(
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = study.ask()
+                trial.set_user_attr(WORKER_ATTR, worker.to_dict())  # first, so a dead worker's trial is found
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
                 system = storage.get_trial(trial_id).system_attrs
                 if "fixed_params" not in system and "failed_trial" not in system:
@@ -467,7 +489,6 @@ def run_worker(
                         study.tell(trial, state=TrialState.PRUNED)
                         report.surplus += 1
                         continue
-                trial.set_user_attr(WORKER_ATTR, worker.to_dict())
                 with _Heartbeat(storage, trial_id):
                     _run_trial(study, storage, trial, trial_id, space, evaluate, report)
             elif view.states("RUNNING"):
