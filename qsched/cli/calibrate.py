@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, non_negative_int, positive_int
+from qsched.cli.options import add_model_options, model_kwargs, non_negative_int, positive_int
 
 DEFAULT_QUANT = "w4a8"
 
@@ -26,10 +26,10 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="calibration prompts: .txt, .json, .yaml, .csv (default: the 16 built-in ones)")
-    add_model_options(parser)
-    for action in parser._actions:  # calibration has no card: its own default recipe
-        if action.dest == "quant":
-            action.help = f"fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: {DEFAULT_QUANT}; fp needs --allow-fp)"
+    add_model_options(
+        parser, packed=False,
+        quant_help=f"fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: {DEFAULT_QUANT}; fp needs --allow-fp)",
+    )
     group = parser.add_argument_group("search")
     group.add_argument("--search", default="grid", choices=STRATEGIES, help="strategy (default: %(default)s, the paper's)")
     group.add_argument("--space", default="ramp", choices=SPACES,
@@ -105,16 +105,9 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         allow_full_precision=args.allow_fp,
-        family=args.family,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        **model_kwargs(args),
     )
     print(result.summary())
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, non_negative_int, parse_quant, positive_int
+from qsched.cli.options import add_model_options, model_kwargs, non_negative_int, parse_quant, positive_int
 
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
@@ -43,14 +43,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=parse_quant(args.quant),
         packed=args.packed,
         card=card,
-        family=args.family,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
+        **model_kwargs(args),
     )
     records = generate_to_folder(
         prepared,

@@ -29,15 +29,21 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "non-negative")
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    *,
+    quant_help: str = "fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the --packed or card recipe, else fp)",
+    packed: bool = True,
+) -> None:
+    """The options that choose and set up the model; :func:`model_kwargs` passes them on."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help="local pipeline folder, cached hub id, or 'builtin' (default: %(default)s)")
     group.add_argument("--family", default=None, help="model family; detected from the pipeline when omitted")
-    group.add_argument("--quant", default=None, metavar="PRESET",
-                       help="fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the --packed or card recipe, else fp)")
-    group.add_argument("--packed", default=None, metavar="FILE",
-                       help="packed quantized denoiser from `qsched quantize` (its recipe is used)")
+    group.add_argument("--quant", default=None, metavar="PRESET", help=quant_help)
+    if packed:
+        group.add_argument("--packed", default=None, metavar="FILE",
+                           help="packed quantized denoiser from `qsched quantize` (its recipe is used)")
     group.add_argument("--backend", default="fake", help="quantization backend: fake (reference), torchao, quanto")
     group.add_argument("--steps", type=positive_int, default=None,
                        help="sampling steps (default: the card's, else the family's)")
@@ -51,3 +57,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def parse_quant(quant: str | None) -> QuantRecipe | None:
     """``--quant PRESET`` as a recipe; None lets the packed checkpoint or card decide (else fp)."""
     return None if quant is None else parse_preset(quant)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """Keyword arguments of :func:`qsched.prepare.prepare_pipeline` from :func:`add_model_options`."""
+    return {
+        "family": args.family,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "height": args.height,
+        "width": args.width,
+        "device": args.device,
+        "dtype": args.dtype,
+        "backend": args.backend,
+    }
