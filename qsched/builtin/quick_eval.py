@@ -7,7 +7,8 @@ The source may be a pipeline folder, ``student`` / ``teacher`` (the shipped ones
 training checkpoint folder (its EMA / target weights are used). Besides the PNG grids it
 reports a cheap, CLIP-free sanity metric: the class agreement of a k-nearest-neighbour
 classifier in pixel space fitted on Fashion-MNIST training images (it scores ~0.85 on the
-real test split); the project CLIP gives the real zero-shot accuracy.
+real test split); ``--metrics N`` adds FID-EffNet and, once the built-in CLIP is trained,
+its zero-shot accuracy, CLIP score and CLIP-IQA on N held-out evaluation prompts.
 """
 
 from __future__ import annotations
@@ -120,6 +121,53 @@ def quick_eval(
     return results
 
 
+def prompt_metrics(
+    source: str, *, steps: Sequence[int], n_images: int = 300, guidance_scale: float = 3.0, seed: int = 0,
+    threads: int = 1, out: str | Path | None = None,
+) -> dict:
+    """On held-out evaluation prompts: FID-EffNet vs the test split, and with the built-in CLIP (when
+    present) zero-shot class accuracy, CLIP score and CLIP-IQA; per step count."""
+    from qsched.builtin.fid import fid
+
+    torch.set_num_threads(threads)
+    pipe = load_any(source)
+    pairs = cap.evaluation_prompts(per_class=max(1, n_images // len(cap.CLASS_NAMES)))
+    prompts, labels = [p for p, _ in pairs], torch.tensor([lab for _, lab in pairs])
+    clip = None
+    try:
+        from qsched.builtin import clip as bclip
+
+        model, processor = bclip.load_builtin_clip()
+        clip = (bclip, model, processor, bclip.class_text_embeddings(model, processor, heldout=True))
+    except (ImportError, QSchedError) as exc:
+        print(f"built-in CLIP not available ({exc}); CLIP metrics skipped", flush=True)
+    results: dict = {"source": str(source), "n_images": len(prompts), "guidance_scale": guidance_scale, "runs": {}}
+    # FID of N real training images: the floor of FID at this sample size (small-N FID is biased upwards)
+    real = load_split("train").images[: len(prompts)]
+    real_pt = torch.from_numpy(real).float().div(255.0).unsqueeze(1).repeat(1, 3, 1, 1)
+    results["fid_effnet_real_train_same_n"] = round(fid(real_pt, kind="effnet"), 2)
+    print(f"FID-EffNet of {len(prompts)} real training images (floor): {results['fid_effnet_real_train_same_n']}")
+    for n in steps:
+        gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(len(prompts))]
+        images = pipe(prompts, num_inference_steps=n, guidance_scale=guidance_scale, generator=gens,
+                      output_type="pt").images
+        row = {"fid_effnet": round(fid(images, kind="effnet"), 2)}
+        if clip is not None:
+            bclip, model, processor, class_emb = clip
+            img = bclip.encode_images(model, images)
+            row["zero_shot_accuracy"] = round(float(((img @ class_emb.T).argmax(1) == labels).float().mean()), 4)
+            txt = bclip.encode_texts(model, processor, prompts)
+            row["clip_score"] = round(float((100.0 * (img * txt).sum(1)).clamp(min=0).mean()), 3)
+            for name, pair in bclip.QUALITY_PROMPTS.items():
+                row[f"clip_iqa_{name}"] = round(float(bclip.iqa_scores(model, processor, images, pair).mean()), 4)
+        results["runs"][str(n)] = row
+        print(f"{n} steps: {row}", flush=True)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qsched.builtin.quick_eval", description=__doc__.splitlines()[0])
     p.add_argument("source", help="pipeline folder, 'student', 'teacher' or a training checkpoint folder")
@@ -130,8 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=str(DEFAULT_ROOT))
+    p.add_argument("--metrics", type=int, default=0, metavar="N",
+                   help="also compute FID-EffNet (+ CLIP metrics) on N held-out evaluation prompts")
     args = p.parse_args(argv)
     try:
+        if args.metrics:
+            prompt_metrics(args.source, steps=args.steps, n_images=args.metrics, guidance_scale=args.guidance_scale,
+                           seed=args.seed, threads=args.threads, out=args.out)
         quick_eval(args.source, steps=args.steps, out=args.out, guidance_scale=args.guidance_scale,
                    per_class=args.per_class, seed=args.seed, data_root=args.data_root, threads=args.threads)
     except QSchedError as exc:
