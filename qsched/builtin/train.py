@@ -2,6 +2,7 @@
 
     python -m qsched.builtin.train teacher [--steps N] [--batch-size B] [--threads T] [--out DIR] [--resume]
     python -m qsched.builtin.train student [--teacher DIR] [...same options]
+    python -m qsched.builtin.train ship SRC DST [--fp32]     # pipeline folder -> package assets
 
 Each stage checkpoints to ``OUT/checkpoint`` every few minutes, logs to ``OUT/train.log``
 and writes its final weights as a pipeline folder ``OUT/pipeline``.
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-every", type=int, default=25)
         if stage == "student":
             p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
+    ship = sub.add_parser("ship", help="copy a trained pipeline folder into the package assets (fp16 weights)")
+    ship.add_argument("src", help="pipeline folder, e.g. runs/builtin/student/pipeline")
+    ship.add_argument("dst", help="destination, e.g. qsched/builtin/assets/student")
+    ship.add_argument("--fp32", action="store_true", help="keep float32 weights")
     return parser
 
 
@@ -50,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qsched.builtin.unet import SHAPES
 
     try:
+        if args.stage == "ship":
+            print(tc.ship_pipeline(args.src, args.dst, fp16=not args.fp32))
+            return 0
         if args.shape not in SHAPES:
             raise QSchedError(f"unknown --shape {args.shape!r}; allowed: {sorted(SHAPES)}")
         if args.steps < 1 or args.batch_size < 1 or args.threads < 1:

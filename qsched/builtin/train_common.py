@@ -284,3 +284,22 @@ def export_pipeline(folder: Path, *, unet: torch.nn.Module, scheduler: Any) -> P
 
 def env_threads_note() -> str:
     return f"threads={torch.get_num_threads()} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+
+
+def ship_pipeline(src: str | Path, dst: str | Path, *, fp16: bool = True) -> Path:
+    """Copy a pipeline folder to ``dst`` (e.g. ``qsched/builtin/assets/student``), weights in fp16.
+
+    fp16 halves the shipped size; ``from_pretrained`` loads the weights back as float32.
+    """
+    from diffusers import UNet2DConditionModel
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "model_index.json").is_file():
+        raise QSchedError(f"{src} is not a pipeline folder (no model_index.json)")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("unet"))
+    unet = UNet2DConditionModel.from_pretrained(str(src / "unet"))
+    if fp16:
+        unet = unet.to(torch.float16)
+    unet.save_pretrained(str(dst / "unet"))
+    return dst
