@@ -24,7 +24,9 @@ from qsched.quant import PRESETS, QuantRecipe, parse_preset
 
 CORRECTIONS = ("none", "card", "qsched", "ptqd")
 #: The issue's default comparison (the built-in model).
-DEFAULT_CONFIGS = ("fp", "w8a8", "w4a8", "w4a8+qsched", "w4a4", "w4a4+qsched")
+#: The paper's comparison plus ``fp+qsched``, full precision with its own calibrated
+#: coefficients: the control without which a gain cannot be called quantization-specific.
+DEFAULT_CONFIGS = ("fp", "fp+qsched", "w8a8", "w4a8", "w4a8+qsched", "w4a4", "w4a4+qsched")
 _NAME = re.compile(r"^(?P<preset>[a-z0-9]+)(?:\+(?P<correction>[a-z]+))?$")
 
 

@@ -205,19 +205,15 @@ def _calibration_prompts(settings: EvalSettings) -> list[str]:
 
 
 def _calibrate(settings: EvalSettings, config: EvalConfig, fp: PreparedPipeline, folder: Path, *, device: str) -> None:
-    try:
-        from qsched.calibrate import calibrate
-    except ImportError as err:  # the calibrate issue's library function is not installed
-        raise QSchedError(
-            f"configuration {config.name!r} needs a Q-Sched card but qsched.calibrate is unavailable ({err}); "
-            "pass --card CARD.json for this recipe"
-        ) from None
+    """Calibrate the card of ``config``; ``fp+qsched`` calibrates full precision on purpose (the control)."""
+    from qsched.calibrate import calibrate
+
     calibrate(
         settings.model, recipe=config.recipe, out=folder, search=settings.calibration_search,
         prompts=_calibration_prompts(settings), resume=folder.is_dir() and any(folder.iterdir()),
         family=settings.family, steps=fp.steps, guidance_scale=settings.guidance_scale,
         height=settings.height, width=settings.width, device=device, dtype=settings.dtype,
-        backend=settings.backend, progress=settings.progress,
+        backend=settings.backend, progress=settings.progress, allow_full_precision=config.recipe.is_noop,
     )
 
 
