@@ -113,3 +113,14 @@ def test_shipped_effnet_reference_matches_the_data_and_the_extractor() -> None:
     stats = FID.load_stats(FID.SHIPPED["effnet"], data_hash=data_hash, extractor=identity)
     assert stats.count == images.shape[0] == 10_000 and stats.mean.shape == (1280,)
     assert torch.isfinite(stats.cov).all() and float(torch.linalg.eigvalsh(stats.cov).min()) > -1e-4
+
+
+def test_shipped_clip_reference_matches_the_shipped_clip() -> None:
+    images, data_hash = FID._test_images()
+    extractor = FID.ClipImageFeatures()
+    stats = FID.load_stats(FID.SHIPPED["clip"], data_hash=data_hash, extractor=extractor.identity())
+    assert stats.count == 10_000 and stats.mean.shape == (extractor.num_features,)
+    train = torch.from_numpy(__import__("qsched.builtin.data", fromlist=["load_split"]).load_split("train").images[:300]).unsqueeze(1)
+    real = FID.fid(train, kind="clip", reference=stats, extractor=extractor)
+    noisy = FID.fid((train.float() + 60 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255).to(torch.uint8), kind="clip", reference=stats, extractor=extractor)
+    assert 0 < real < noisy
