@@ -181,3 +181,8 @@ def test_shipped_clip_iqa_orders_clean_above_mild_above_strong(shipped, test_ima
             iqa.update(torch.round(y * 255))
             means.append(float(iqa.compute().mean()))
         assert means[0] > means[1] > means[2], (kind, means)
+    model, processor = shipped
+    iqa.reset()
+    iqa.update(torch.round(x * 255))
+    fast = C.iqa_scores(model, processor, x, C.QUALITY_PROMPTS["quality"])  # same formula, no processor
+    assert torch.allclose(fast, iqa.compute(), atol=1e-4)
