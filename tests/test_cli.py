@@ -118,3 +118,13 @@ def test_quantize_then_generate_from_packed_matches_direct_quantization(tiny_pip
     assert code == 2 and "--overwrite" in err
     code, _, err = run(capsys, "quantize", "--model", model, "--quant", "w8a16", "--out", str(tmp_path / "x.bin"))
     assert code == 2 and ".safetensors" in err
+
+
+def test_threads_option(monkeypatch, capsys):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["--threads", "1", "families"]) == 0
+    assert calls == [1]
+    assert main(["--threads", "0", "families"]) == 2

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from qsched.errors import QSchedError
@@ -27,9 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from qsched.cli import calibrate, evaluate, families, generate, quantize, tiny
+    from qsched.cli.options import positive_int
 
     parser = _Parser(prog="qsched", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's, one per core). On a machine shared "
+                             "with other jobs use fewer: oversubscribed threads can be 10x slower")
     # Accepted after the subcommand too; SUPPRESS keeps a top-level --debug from being reset.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -52,6 +57,8 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torchmetrics' CLIP text path pads without truncation and transformers warns on every call
+    warnings.filterwarnings("ignore", message="`max_length` is ignored when `padding`=`True`")
     import diffusers.utils.logging
     import transformers.utils.logging
 
@@ -68,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     if not args.debug:
         _quiet_third_party()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.run(args) or 0)
     except QSchedError as err:
