@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+from safetensors import safe_open
+
 from qsched.builtin.data import write_fake_dataset
 from qsched.builtin.pipeline import QSchedBuiltinPipeline
 from qsched.builtin.train import main
@@ -27,6 +30,12 @@ def test_teacher_resume_and_student(tmp_path):
     assert main([*args, "--steps", "2"]) == 0
     pipe = QSchedBuiltinPipeline.from_pretrained(str(student / "pipeline"))
     assert pipe.is_distilled and type(pipe.scheduler).__name__ == "LCMScheduler"
+
+    shipped = tmp_path / "assets" / "student"
+    assert main(["ship", str(student / "pipeline"), str(shipped)]) == 0
+    with safe_open(str(shipped / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    assert QSchedBuiltinPipeline.from_pretrained(str(shipped)).unet.dtype == torch.float32
 
 
 def test_missing_dataset_exit_code(tmp_path):
