@@ -55,7 +55,9 @@ def test_two_processes_make_the_same_images_as_one(base, tmp_path):
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "qsched", *base, "--batch-size", "1", "--num-processes", str(processes), "--out", str(out)]
+        # --num too: a launcher that re-parses our options once took it for its own --numa-binding
+        command = [sys.executable, "-m", "qsched", *base, "--num", "3", "--batch-size", "1",
+                   "--num-processes", str(processes), "--out", str(out)]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         runs[processes] = out

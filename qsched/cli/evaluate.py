@@ -126,10 +126,36 @@ def build_settings(args: argparse.Namespace) -> Any:
 
 
 def _launch(processes: int) -> int:
-    """Run this same command in ``processes`` processes (torch.distributed.run; accelerate reads its environment)."""
-    argv = [a for a in sys.argv[1:]]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "qsched", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    return subprocess.call(command, env=env)
+    """Run this same command in ``processes`` local processes of one process group.
+
+    Each child gets the environment a launcher would set (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT, ...), which accelerate reads. Launching through
+    ``torch.distributed.run`` instead would re-parse qsched's options with its own
+    parser (``--num`` is an abbreviation of its ``--numa-binding``). If one process
+    fails, the others are stopped, so none waits forever at a barrier.
+    """
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    children = []
+    for rank in range(processes):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                   LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+        children.append(subprocess.Popen([sys.executable, "-m", "qsched", *sys.argv[1:]], env=env))
+    while True:
+        codes = [child.poll() for child in children]
+        failed = [code for code in codes if code not in (None, 0)]
+        if failed:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+            for child in children:
+                child.wait()
+            return failed[0]
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.2)
