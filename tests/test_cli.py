@@ -128,3 +128,15 @@ def test_threads_option(monkeypatch, capsys):
     assert main(["--threads", "1", "families"]) == 0
     assert calls == [1]
     assert main(["--threads", "0", "families"]) == 2
+
+
+def test_train_forwards_to_the_stage(tmp_path, capsys):
+    from qsched.builtin.data import write_fake_dataset
+
+    data = str(write_fake_dataset(tmp_path / "data", n=16))
+    tiny = ["--shape", "tiny", "--max-templates", "1", "--batch-size", "4", "--log-every", "1"]
+    out = tmp_path / "teacher"
+    code, _, err = run(capsys, "train", "teacher", "--steps", "2", "--out", str(out), "--data-root", data, *tiny)
+    assert code == 0, err
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert run(capsys, "train", "bogus")[0] == 2
