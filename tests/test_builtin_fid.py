@@ -106,10 +106,11 @@ def test_unknown_feature_kind_is_refused() -> None:
 
 
 def test_shipped_effnet_reference_matches_the_data_and_the_extractor() -> None:
-    from qsched.builtin.effnet import file_sha256, weights_path
+    from qsched.builtin.effnet import weights_path
+    from qsched.provenance import sha256_file
 
     images, data_hash = FID._test_images()
-    identity = f"effnet-lite0:{file_sha256(weights_path())[:16]}:res{FID.EFFNET_RESOLUTION}:bilinear-aa:grey2rgb"
+    identity = f"effnet-lite0:{sha256_file(weights_path())[:16]}:res{FID.EFFNET_RESOLUTION}:bilinear-aa:grey2rgb"
     stats = FID.load_stats(FID.SHIPPED["effnet"], data_hash=data_hash, extractor=identity)
     assert stats.count == images.shape[0] == 10_000 and stats.mean.shape == (1280,)
     assert torch.isfinite(stats.cov).all() and float(torch.linalg.eigvalsh(stats.cov).min()) > -1e-4

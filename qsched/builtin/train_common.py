@@ -210,6 +210,20 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, meta
 
 
+def resume_from_checkpoint(
+    out: Path, *, modules: Mapping[str, torch.nn.Module], opt: torch.optim.Optimizer, gen: torch.Generator
+) -> tuple[int, float]:
+    """Restore ``modules`` (by checkpoint prefix), the optimizer and the data RNG; returns (step, seconds)."""
+    tensors, meta = load_checkpoint(out / CHECKPOINT_DIR)
+    for prefix, module in modules.items():
+        load_module(prefix, module, tensors)
+    load_optimizer(opt, tensors, meta["param_groups"])
+    gen.set_state(tensors["rng.torch"])
+    start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
+    logger.info("resumed from step %d (%.1f min trained)", start, elapsed / 60)
+    return start, elapsed
+
+
 def run_meta(stage: str, step: int, opts: RunOptions, extra: Mapping[str, Any], elapsed: float) -> dict[str, Any]:
     import diffusers
     import transformers

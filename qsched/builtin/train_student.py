@@ -77,13 +77,9 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     gen = torch.Generator().manual_seed(opts.seed)
     start, elapsed = 0, 0.0
     if opts.resume:
-        tensors, meta = tc.load_checkpoint(out / tc.CHECKPOINT_DIR)
-        tc.load_module("model", student, tensors)
-        tc.load_module("target", target, tensors)
-        tc.load_optimizer(opt, tensors, meta["param_groups"])
-        gen.set_state(tensors["rng.torch"])
-        start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
-        tc.logger.info("resumed from step %d (%.1f min trained)", start, elapsed / 60)
+        start, elapsed = tc.resume_from_checkpoint(
+            out, modules={"model": student, "target": target}, opt=opt, gen=gen
+        )
     tc.logger.info("student: %.2fM parameters from teacher %s, %s",
                    sum(p.numel() for p in student.parameters()) / 1e6, teacher, tc.env_threads_note())
 

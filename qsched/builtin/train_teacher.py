@@ -34,13 +34,9 @@ def train_teacher(opts: tc.RunOptions, cfg: TeacherConfig = TeacherConfig()) -> 
     gen = torch.Generator().manual_seed(opts.seed)
     start, elapsed = 0, 0.0
     if opts.resume:
-        tensors, meta = tc.load_checkpoint(out / tc.CHECKPOINT_DIR)
-        tc.load_module("model", unet, tensors)
-        tc.load_module("ema", ema, tensors)
-        tc.load_optimizer(opt, tensors, meta["param_groups"])
-        gen.set_state(tensors["rng.torch"])
-        start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
-        tc.logger.info("resumed from step %d (%.1f min trained)", start, elapsed / 60)
+        start, elapsed = tc.resume_from_checkpoint(
+            out, modules={"model": unet, "ema": ema}, opt=opt, gen=gen
+        )
     n_params = sum(p.numel() for p in unet.parameters())
     tc.logger.info("teacher: %.2fM parameters, shape %s, %s", n_params / 1e6, shape, tc.env_threads_note())
 
