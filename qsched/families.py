@@ -473,6 +473,28 @@ _PCM_NOTE = (
     "sampled with TCD (trailing timesteps) and guidance 0 as in the Q-Sched code."
 )
 
+
+
+def _pcm_spec(variant: str, *, base: str, hub_id: str, pipeline_class: str, notes: str = "") -> FamilySpec:
+    """A PCM family: ``base`` model + the 4-step small-CFG PCM LoRA, sampled with TCD (trailing)."""
+    return FamilySpec(
+        name=f"pcm-{variant}",
+        description=f"Phased Consistency Model: {base} + PCM LoRA, TCD sampling",
+        hub_id=hub_id,
+        pipeline_classes=(pipeline_class,),
+        scheduler_class="TCDScheduler",
+        scheduler_overrides={"timestep_spacing": "trailing"},
+        detect_schedulers=("TCDScheduler",),
+        default_steps=4,
+        allowed_steps=(2, 4, 8, 16),
+        guidance_scale=0.0,
+        denoiser_attr="unet",
+        lora_hub_id="wangfuyun/PCM_Weights",
+        lora_weight_name=f"{variant}/pcm_{variant}_smallcfg_4step_converted.safetensors",
+        notes=_PCM_NOTE + notes,
+    )
+
+
 for _spec in (
     FamilySpec(
         name="lcm",
@@ -486,39 +508,11 @@ for _spec in (
         denoiser_attr="unet",
         notes="diffusers LCM docs / model card: 4 steps, guidance_scale=8.0 (w embedding).",
     ),
-    FamilySpec(
-        name="pcm-sd15",
-        description="Phased Consistency Model: SD 1.5 + PCM LoRA, TCD sampling",
-        hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        pipeline_classes=("StableDiffusionPipeline",),
-        scheduler_class="TCDScheduler",
-        scheduler_overrides={"timestep_spacing": "trailing"},
-        detect_schedulers=("TCDScheduler",),
-        default_steps=4,
-        allowed_steps=(2, 4, 8, 16),
-        guidance_scale=0.0,
-        denoiser_attr="unet",
-        lora_hub_id="wangfuyun/PCM_Weights",
-        lora_weight_name="sd15/pcm_sd15_smallcfg_4step_converted.safetensors",
-        notes=_PCM_NOTE + " The paper's code loads runwayml/stable-diffusion-v1-5, "
-        "since moved to this id.",
-    ),
-    FamilySpec(
-        name="pcm-sdxl",
-        description="Phased Consistency Model: SDXL base + PCM LoRA, TCD sampling",
-        hub_id="stabilityai/stable-diffusion-xl-base-1.0",
-        pipeline_classes=("StableDiffusionXLPipeline",),
-        scheduler_class="TCDScheduler",
-        scheduler_overrides={"timestep_spacing": "trailing"},
-        detect_schedulers=("TCDScheduler",),
-        default_steps=4,
-        allowed_steps=(2, 4, 8, 16),
-        guidance_scale=0.0,
-        denoiser_attr="unet",
-        lora_hub_id="wangfuyun/PCM_Weights",
-        lora_weight_name="sdxl/pcm_sdxl_smallcfg_4step_converted.safetensors",
-        notes=_PCM_NOTE,
-    ),
+    _pcm_spec("sd15", base="SD 1.5", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+              pipeline_class="StableDiffusionPipeline",
+              notes=" The paper's code loads runwayml/stable-diffusion-v1-5, since moved to this id."),
+    _pcm_spec("sdxl", base="SDXL base", hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+              pipeline_class="StableDiffusionXLPipeline"),
     FamilySpec(
         name="sdxl-turbo",
         description="SDXL-Turbo: adversarially distilled SDXL, 1-4 steps, no guidance",
