@@ -125,3 +125,19 @@ def test_shipped_clip_reference_matches_the_shipped_clip() -> None:
     real = FID.fid(train, kind="clip", reference=stats, extractor=extractor)
     noisy = FID.fid((train.float() + 60 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255).to(torch.uint8), kind="clip", reference=stats, extractor=extractor)
     assert 0 < real < noisy
+
+
+def test_shipped_stats_serve_without_the_dataset(monkeypatch, tmp_path):
+    """Evaluation needs no Debian package: without the dataset the shipped statistics are used."""
+    from qsched.builtin import fid as FIDMOD
+    from qsched.errors import QSchedError
+
+    def missing():
+        raise QSchedError("Fashion-MNIST not found; apt-get install dataset-fashion-mnist")
+
+    monkeypatch.setattr(FIDMOD, "_test_images", missing)
+    stats = FIDMOD.reference_stats("effnet", cache_dir=tmp_path)
+    assert stats.count == 10_000 and stats.mean.shape == (1280,)
+    monkeypatch.setitem(FIDMOD.SHIPPED, "effnet", tmp_path / "absent.safetensors")
+    with pytest.raises(QSchedError, match="apt-get install dataset-fashion-mnist"):
+        FIDMOD.reference_stats("effnet", cache_dir=tmp_path)
