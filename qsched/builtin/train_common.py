@@ -210,6 +210,20 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, meta
 
 
+def write_checkpoint(
+    out: Path, *, stage: str, step: int, opts: RunOptions, config: Mapping[str, Any], total: float,
+    modules: Mapping[str, torch.nn.Module], opt: torch.optim.Optimizer, gen: torch.Generator,
+) -> None:
+    """Save ``modules`` (by prefix), the optimizer and the data RNG; :func:`resume_from_checkpoint` reads it."""
+    tensors = {k: v for prefix, module in modules.items() for k, v in module_tensors(prefix, module).items()}
+    opt_tensors, groups = optimizer_state(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = gen.get_state()
+    meta = run_meta(stage, step, opts, config, total)
+    meta["param_groups"] = groups
+    save_checkpoint(out, tensors, meta)
+
+
 def resume_from_checkpoint(
     out: Path, *, modules: Mapping[str, torch.nn.Module], opt: torch.optim.Optimizer, gen: torch.Generator
 ) -> tuple[int, float]:

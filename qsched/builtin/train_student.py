@@ -139,13 +139,8 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         return float(loss.detach())
 
     def checkpoint_fn(step: int, total: float) -> None:
-        tensors = {**tc.module_tensors("model", student), **tc.module_tensors("target", target)}
-        opt_tensors, groups = tc.optimizer_state(opt)
-        tensors.update(opt_tensors)
-        tensors["rng.torch"] = gen.get_state()
-        meta = tc.run_meta("student", step, opts, {**asdict(cfg), "teacher": str(teacher)}, total)
-        meta["param_groups"] = groups
-        tc.save_checkpoint(out, tensors, meta)
+        tc.write_checkpoint(out, stage="student", step=step, opts=opts, config={**asdict(cfg), "teacher": str(teacher)}, total=total,
+                            modules={"model": student, "target": target}, opt=opt, gen=gen)
 
     t0 = time.perf_counter()
     tc.train_loop(start_step=start, steps=opts.steps, step_fn=step_fn, checkpoint_fn=checkpoint_fn,

@@ -66,13 +66,8 @@ def train_teacher(opts: tc.RunOptions, cfg: TeacherConfig = TeacherConfig()) -> 
         return float(loss.detach())
 
     def checkpoint_fn(step: int, total: float) -> None:
-        tensors = {**tc.module_tensors("model", unet), **tc.module_tensors("ema", ema)}
-        opt_tensors, groups = tc.optimizer_state(opt)
-        tensors.update(opt_tensors)
-        tensors["rng.torch"] = gen.get_state()
-        meta = tc.run_meta("teacher", step, opts, asdict(cfg), total)
-        meta["param_groups"] = groups
-        tc.save_checkpoint(out, tensors, meta)
+        tc.write_checkpoint(out, stage="teacher", step=step, opts=opts, config=asdict(cfg), total=total,
+                            modules={"model": unet, "ema": ema}, opt=opt, gen=gen)
 
     unet.train()
     t0 = time.perf_counter()
