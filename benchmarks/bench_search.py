@@ -7,7 +7,7 @@ seeds over the same space, prompts, seeds and noise, and prints for each run the
 number of candidates (baseline included) until the best JAQ so far is within
 ``--tolerance`` of the grid's best.
 
-    python benchmarks/bench_search.py --out runs/bench-search [--grid-points 50] [--trials 100]
+    python benchmarks/bench_search.py --out runs/bench-search [--grid-points 50] [--trials 100] [--threads 1]
 
 Defaults: the built-in model, W4A8, 4 steps, the built-in calibration prompts.
 """
@@ -18,6 +18,8 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from qsched.calibrate import calibrate
 from qsched.quant import parse_preset
@@ -50,8 +52,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     recipe = parse_preset(args.quant)
     common = dict(recipe=recipe, steps=args.steps, progress=True, resume=True)
 

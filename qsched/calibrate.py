@@ -160,14 +160,14 @@ def calibrate(
     settings = _settings(prepared, prompt_info, search, space, jaq, dtype=dtype, backend=backend)
 
     if explicit is not None:  # join/create before creating --out: a refused resume writes nothing
-        opened = open_study(explicit, name=study, settings=settings, initial=search.initial_params(space), resume=resume)
+        opened = open_study(explicit, name=study, settings=settings, baseline=space.identity_params(), resume=resume)
         _make_output_dir(out, overwrite=overwrite)
         storage_url = storage
     else:
         _make_output_dir(out, overwrite=overwrite)
         storage_url = f"sqlite:///{(out / STUDY_FILE).resolve()}"
         backing = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-        opened = open_study(backing, name=study, settings=settings, initial=search.initial_params(space), resume=resume)
+        opened = open_study(backing, name=study, settings=settings, baseline=space.identity_params(), resume=resume)
     salt = () if opened.created else (len(opened.study.get_trials(deepcopy=False)), os.getpid())
     opened.study.sampler = search.make_sampler(space, seed=worker_seed(search.seed, *salt))
 
@@ -175,7 +175,7 @@ def calibrate(
     with runner:
         report = run_worker(
             opened, space=space, evaluate=runner.evaluate_params(space), budget=budget,
-            fresh_trials=search.strategy != "grid", progress=progress,
+            grid=search.grid_params(space), progress=progress,
         )
         candidates = StudyView.of(opened.study).candidates()
         files = {"trials": out / "trials.csv"}

@@ -46,13 +46,14 @@ def test_bad_bounds_are_refused(low, high, message) -> None:
         SearchSettings(low=low, high=high)
 
 
-def test_grid_enqueues_exactly_n_squared_points_after_the_baseline() -> None:
+def test_grid_has_exactly_n_squared_points_and_the_baseline_counts_in_the_budget() -> None:
     settings = SearchSettings(strategy="grid", grid_points=4)
     space = settings.space_for(4)
-    initial = settings.initial_params(space)
-    assert settings.budget(space) == 17 and len(initial) == 17
-    assert initial[0] == {"cx_start": 1.0, "ceps_start": 1.0}
-    assert len({tuple(p.values()) for p in initial[1:]}) == 16
+    grid = settings.grid_params(space)
+    assert settings.budget(space) == 17 and len(grid) == 16
+    assert len({tuple(p.values()) for p in grid}) == 16
+    assert space.identity_params() == {"cx_start": 1.0, "ceps_start": 1.0}
+    assert SearchSettings(strategy="tpe").grid_params(space) is None
 
 
 @pytest.mark.parametrize("kwargs, message", [

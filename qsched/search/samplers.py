@@ -1,9 +1,10 @@
 """Search strategies: which optuna sampler proposes candidates, and how many candidates to run.
 
 * ``grid``: the paper's procedure, ``grid_points`` values per parameter (bounds
-  included), every combination once. optuna's ``GridSampler`` defines the grid;
-  qsched enqueues all of its points when the study is created, so any number of
-  workers pop disjoint points from the queue (no point is run twice, none lost).
+  included), every combination once, in a fixed order. Workers enqueue the points
+  a few at a time as the queue runs dry (see :mod:`qsched.search.study`), so a
+  2,500-point grid costs no more per candidate than a 25-point one, and any
+  number of workers share it (no point is run twice, none lost).
 * ``tpe``, ``cmaes``, ``random``: optuna's TPE, CMA-ES (needs ``cmaes``) and random
   samplers, for ``trials`` candidates in total.
 
@@ -25,7 +26,7 @@ from qsched.search.space import DEFAULT_BOUNDS, SPACES, SearchSpace
 STRATEGIES: tuple[str, ...] = ("grid", "tpe", "cmaes", "random")
 DEFAULT_TRIALS = 30
 DEFAULT_GRID_POINTS = 5
-#: Largest grid qsched enqueues (a 50x50 ramp grid, the reference code's, is 2,500).
+#: Largest grid qsched runs (a 50x50 ramp grid, the reference code's, is 2,500).
 MAX_GRID = 10_000
 
 
@@ -78,14 +79,13 @@ class SearchSettings:
             return space.grid_size(self.grid_points) + 1
         return DEFAULT_TRIALS if self.trials is None else self.trials
 
-    def initial_params(self, space: SearchSpace) -> list[dict[str, float]]:
-        """Parameters enqueued when the study is created: the baseline, then (grid) every grid point."""
-        params = [space.identity_params()]
-        if self.strategy == "grid":
-            grid = space.grid(self.grid_points)
-            names = list(space.param_names)
-            params += [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
-        return params
+    def grid_params(self, space: SearchSpace) -> list[dict[str, float]] | None:
+        """Every point of the grid in a fixed order (the grid strategy), or None (sampler strategies)."""
+        if self.strategy != "grid":
+            return None
+        grid = space.grid(self.grid_points)
+        names = list(space.param_names)
+        return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
 
     def make_sampler(self, space: SearchSpace, *, seed: int) -> Any:
         """A fresh optuna sampler for this strategy."""
@@ -119,10 +119,10 @@ def _make_queued_grid_sampler() -> type:
     import optuna
 
     class QueuedGridSampler(optuna.samplers.GridSampler):
-        """optuna's GridSampler whose points are all enqueued up front.
+        """optuna's GridSampler for a study whose grid points qsched enqueues itself.
 
         Its own bookkeeping (which grid points are left, ``study.stop()`` when none are)
-        is for ``study.optimize``; qsched tracks the queue itself, so ``after_trial`` does nothing.
+        is for ``study.optimize``; qsched tracks the grid itself, so ``after_trial`` does nothing.
         """
 
         def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:

@@ -3,17 +3,24 @@
 The study lives in an optuna RDB storage (a SQLite file by default, or any
 database URL), so a killed run resumes and several processes share one search:
 
-* **Creation.** The process that creates the study enqueues the initial
-  candidates (the baseline, and for the grid every grid point), then stores the
-  run's settings as the study user attribute ``qsched.settings`` and marks it
+* **Creation.** The process that creates the study enqueues the baseline, stores
+  the run's settings as the study user attribute ``qsched.settings`` and marks it
   ready. A process that joins waits until it is ready, then refuses to continue
   if its settings differ, naming each difference.
 * **Claiming work.** ``study.ask()`` pops a waiting (enqueued) trial atomically,
-  so two workers never run the same enqueued candidate. A *fresh* trial (asked
-  from the sampler) is kept only if fewer than ``budget`` candidates precede it;
-  one created beyond the budget by a race between workers is marked surplus and
+  so two workers never run the same enqueued trial. A *fresh* trial (asked from
+  the sampler) is kept only if fewer than ``budget`` candidates precede it; one
+  created beyond the budget by a race between workers is marked surplus and
   closed as PRUNED without being evaluated, so the study never holds more than
   ``budget`` candidates.
+* **The grid** is enqueued lazily: a worker that finds the queue empty enqueues
+  the next :data:`GRID_CHUNK` points after the highest grid index in the study
+  (each trial records its index in ``qsched.grid_index``). Holding thousands of
+  waiting trials would make every ``ask()`` scan them all (optuna reads
+  unfinished trials from the database each time; finished ones are cached), so
+  a 50x50 grid cost ~1.5 s of bookkeeping per candidate. Two workers that find the
+  queue empty together enqueue the same points; of the trials of one grid index,
+  the one first enqueued (its retries included) runs and the others are surplus.
 * **Dead workers.** Each running trial records its worker (host, pid, a
   per-process token) and a heartbeat (optuna's RDB heartbeat). A trial whose
   worker process is gone from this host, or whose heartbeat is older than the
@@ -46,6 +53,12 @@ ROLE_ATTR = "qsched.role"
 WORKER_ATTR = "qsched.worker"
 ERROR_ATTR = "qsched.error"
 SURPLUS_ATTR = "qsched.surplus"
+GRID_INDEX_ATTR = "qsched.grid_index"
+#: Grid points a worker enqueues when it finds the queue empty.
+GRID_CHUNK = 8
+#: Stored with a study's settings: studies of an earlier layout (the whole grid enqueued
+#: up front, no grid indices) are refused on --resume instead of running points twice.
+STUDY_FORMAT = 2
 #: A trial requeued this many times (its worker died each time) is left failed.
 MAX_RETRIES = 3
 
@@ -74,20 +87,25 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
             "postgresql://user@host/db"
         )
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several workers write one file: wait for the lock instead of failing at once.
-        engine_kwargs["connect_args"] = {"timeout": 120}
+    sqlite = url.startswith("sqlite")
+    if sqlite:
+        # Several workers write one file: wait for the lock instead of failing at once, and
+        # let _serialize_sqlite_transactions issue BEGIN (pysqlite's own BEGIN comes too late).
+        engine_kwargs["connect_args"] = {"timeout": 120, "isolation_level": None}
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=requeue,
                 )
+            if sqlite:
+                _serialize_sqlite_transactions(storage.engine)
+            return storage
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
             # Workers starting together on a new database race to create its tables (and
             # its schema version row); the loser succeeds on a second try.
@@ -99,6 +117,22 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
         except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError, OSError) as err:
             raise QSchedError(f"cannot open storage {redact(url)}: {_first_line(err)}") from None
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite_transactions(engine: Any) -> None:
+    """Start every SQLite transaction with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe).
+
+    optuna claims a waiting trial by reading its state and updating it to RUNNING in
+    one transaction, relying on ``SELECT ... FOR UPDATE``, which SQLite ignores; and
+    pysqlite only begins a transaction at the first write, so two workers can both
+    read WAITING and both claim the trial. Taking the write lock at BEGIN makes that
+    read-and-claim atomic between processes.
+    """
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _first_line(err: BaseException) -> str:
@@ -151,14 +185,14 @@ def open_study(
     *,
     name: str,
     settings: Mapping[str, Any],
-    initial: Sequence[Mapping[str, float]],
+    baseline: Mapping[str, float],
     resume: bool,
     init_timeout: float = 60.0,
 ) -> OpenedStudy:
-    """Create the study ``name`` (enqueueing ``initial``, the first being the baseline) or join it.
+    """Create the study ``name`` (enqueueing the ``baseline`` parameters first) or join it.
 
     An existing study is joined only with ``resume``, and only when its stored
-    settings equal ``settings``.
+    settings (with :data:`STUDY_FORMAT`) equal ``settings``.
     """
     import optuna
 
@@ -178,10 +212,10 @@ def open_study(
                 raise QSchedError(
                     f"study {name!r} was just created by another process; pass --resume to join it"
                 ) from None
+    settings = {**settings, "study_format": STUDY_FORMAT}
     if created:
-        for i, params in enumerate(initial):
-            study.enqueue_trial(dict(params), user_attrs={ROLE_ATTR: "baseline" if i == 0 else "grid"})
-        study.set_user_attr(SETTINGS_ATTR, dict(settings))
+        study.enqueue_trial(dict(baseline), user_attrs={ROLE_ATTR: "baseline"})
+        study.set_user_attr(SETTINGS_ATTR, settings)
         study.set_user_attr(READY_ATTR, True)
         return OpenedStudy(study, storage, created=True)
 
@@ -256,7 +290,7 @@ def requeue(study: Any, trial: Any) -> None:
     system_attrs = dict(trial.system_attrs)
     system_attrs["failed_trial"] = trial.system_attrs.get("failed_trial", trial.number)
     system_attrs["retry_history"] = history
-    user_attrs = {k: v for k, v in trial.user_attrs.items() if k == ROLE_ATTR}
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k in (ROLE_ATTR, GRID_INDEX_ATTR)}
     study.add_trial(
         optuna.trial.create_trial(
             state=TrialState.WAITING,
@@ -388,6 +422,22 @@ class StudyView:
     def states(self, *names: str) -> list[Any]:
         return [t for t in self.trials if t.state.name in names and self._counts(t)]
 
+    def next_grid_index(self) -> int:
+        """One past the highest grid index enqueued so far (0 before any)."""
+        indices = [t.user_attrs[GRID_INDEX_ATTR] for t in self.trials if GRID_INDEX_ATTR in t.user_attrs]
+        return max(indices) + 1 if indices else 0
+
+    def is_duplicate(self, trial: Any) -> bool:
+        """True if another live trial of ``trial``'s grid index was enqueued before it (see module doc)."""
+        index = trial.user_attrs.get(GRID_INDEX_ATTR)
+        if index is None:
+            return False
+        return any(
+            t.number != trial.number and t.user_attrs.get(GRID_INDEX_ATTR) == index and self._counts(t)
+            and _root(t) < _root(trial)
+            for t in self.trials
+        )
+
     def finished(self) -> int:
         return len([t for t in self.states("COMPLETE", "FAIL")])
 
@@ -413,6 +463,11 @@ class StudyView:
                 retry_of=int(history[-1]) if history else None,
             ))
         return out
+
+
+def _root(trial: Any) -> int:
+    """The number of the trial a retried trial repeats (its own number otherwise)."""
+    return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
 def best_candidate(candidates: Sequence[Candidate]) -> Candidate | None:
@@ -450,16 +505,18 @@ def run_worker(
     space: SearchSpace,
     evaluate: Callable[[dict[str, float]], Evaluation],
     budget: int,
-    fresh_trials: bool,
+    grid: Sequence[Mapping[str, float]] | None = None,
     progress: bool = True,
     poll_interval: float = 1.0,
     description: str = "calibrate",
 ) -> WorkerReport:
     """Evaluate candidates until the study holds ``budget`` finished ones.
 
-    ``fresh_trials`` False (the grid) only pops enqueued candidates. The worker
-    waits for candidates other workers are running, so that when it returns the
-    study is complete (or another worker died and its trial was re-run here).
+    With ``grid`` (the grid strategy) the candidates are its points, enqueued a
+    chunk at a time; without it they are asked from the study's sampler. The
+    worker waits for candidates other workers are running, so that when it
+    returns the study is complete (or another worker died and its trial was re-run
+    here).
     """
     import optuna
     from optuna.trial import TrialState
@@ -475,20 +532,24 @@ def run_worker(
             report.reaped += reap_dead(study, storage, worker)
             view = StudyView.of(study)
             _update_bar(bar, view)
-            if view.states("WAITING") or (fresh_trials and view.count() < budget):
+            waiting = bool(view.states("WAITING"))
+            if grid is not None and not waiting and view.next_grid_index() < len(grid):
+                _enqueue_grid(study, grid, view.next_grid_index())
+                continue
+            if waiting or (grid is None and view.count() < budget):
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = study.ask()
                 trial.set_user_attr(WORKER_ATTR, worker.to_dict())  # first, so a dead worker's trial is found
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-                system = storage.get_trial(trial_id).system_attrs
-                if "fixed_params" not in system and "failed_trial" not in system:
-                    view = StudyView.of(study)
-                    if not fresh_trials or view.rank(trial.number) >= budget:
-                        trial.set_user_attr(SURPLUS_ATTR, True)
-                        study.tell(trial, state=TrialState.PRUNED)
-                        report.surplus += 1
-                        continue
+                frozen = storage.get_trial(trial_id)
+                fresh = "fixed_params" not in frozen.system_attrs and "failed_trial" not in frozen.system_attrs
+                view = StudyView.of(study)
+                if view.is_duplicate(frozen) or (fresh and (grid is not None or view.rank(trial.number) >= budget)):
+                    trial.set_user_attr(SURPLUS_ATTR, True)
+                    study.tell(trial, state=TrialState.PRUNED)
+                    report.surplus += 1
+                    continue
                 with _Heartbeat(storage, trial_id):
                     _run_trial(study, storage, trial, trial_id, space, evaluate, report)
             elif view.states("RUNNING"):
@@ -499,6 +560,11 @@ def run_worker(
     finally:
         bar.close()
     return report
+
+
+def _enqueue_grid(study: Any, grid: Sequence[Mapping[str, float]], start: int) -> None:
+    for index in range(start, min(start + GRID_CHUNK, len(grid))):
+        study.enqueue_trial(dict(grid[index]), user_attrs={ROLE_ATTR: "grid", GRID_INDEX_ATTR: index})
 
 
 def _run_trial(
