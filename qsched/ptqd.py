@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from qsched.errors import QSchedError
 from qsched.provenance import package_versions, write_json_atomic
 from qsched.schedule import QSchedCoefficients
-from qsched.scheduler import _step_index, _wrapped_class, unwrap
+from qsched.scheduler import plain_class, step_index_of, unwrap, wrapped_class
 
 PTQD_FORMAT = "qsched-ptqd-stats"
 PTQD_VERSION = 1
@@ -365,7 +365,7 @@ def _ptqd_class(base: type) -> type:
     cls = _PTQD_CLASSES.get(base)
     if cls is not None:
         return cls
-    wrapped = _wrapped_class(base)  # the Q-Sched wrapper: applies c_eps = 1 / (1 + k)
+    wrapped = wrapped_class(base)  # the Q-Sched wrapper: applies c_eps = 1 / (1 + k)
     wrapped_step = wrapped.step
     signature = inspect.signature(base.step)
     hook = NOISE_HOOKS.get(base.__name__)
@@ -375,7 +375,7 @@ def _ptqd_class(base: type) -> type:
         if hook is None or self._ptqd_active is None:
             return wrapped_step(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
-        index = _step_index(self, bound.arguments["timestep"])
+        index = step_index_of(self, bound.arguments["timestep"])
         result = wrapped_step(self, *args, **kwargs)
         return hook(self, index, result, self._ptqd_active[index])
 
@@ -401,9 +401,7 @@ def ptqd_wrap(scheduler: Any, stats: PTQDStats) -> Any:
     ``scheduler.ptqd_noise_applied`` is False where the scheduler's noise injection is
     not known to qsched (see :data:`NOISE_HOOKS`); deterministic schedulers need none.
     """
-    from qsched.scheduler import _plain_class
-
-    base = _plain_class(scheduler)
+    base = plain_class(scheduler)
     corrected = _ptqd_class(base).from_config(scheduler.config)
     corrected.set_coefficients(stats.coefficients())
     corrected._ptqd_sample_var = stats.sample_var

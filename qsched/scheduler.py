@@ -19,6 +19,10 @@ What the subclass preserves, and why:
 * A coefficient equal to 1 is not multiplied at all, so all-ones coefficients give
   bit-identical images.
 
+Extensions that change a step further (the PTQD baseline, :mod:`qsched.ptqd`)
+subclass :func:`wrapped_class` of :func:`plain_class` and read the step index with
+:func:`step_index_of`, so they keep all of the above.
+
 Coefficients take effect at ``set_timesteps``: each sampling run uses the
 coefficients set before it started (``set_coefficients`` during a run applies from
 the next run), and their length is checked against the run's number of steps.
@@ -54,8 +58,8 @@ def wrap(scheduler: Any, coefficients: QSchedCoefficients) -> Any:
             f"coefficients must be a QSchedCoefficients, got {type(coefficients).__name__}; "
             "build one with QSchedCoefficients.from_ramps(...) or QSchedCoefficients(c_x=..., c_eps=...)"
         )
-    base = _plain_class(scheduler)
-    wrapped = _wrapped_class(base).from_config(scheduler.config)
+    base = plain_class(scheduler)
+    wrapped = wrapped_class(base).from_config(scheduler.config)
     wrapped.set_coefficients(coefficients)
     return wrapped
 
@@ -67,7 +71,8 @@ def unwrap(scheduler: Any) -> Any:
     return type(scheduler)._qsched_base.from_config(scheduler.config)
 
 
-def _plain_class(scheduler: Any) -> type:
+def plain_class(scheduler: Any) -> type:
+    """The scheduler's own diffusers class (under any qsched wrapper); a non-scheduler is refused."""
     cls = type(scheduler)
     base = getattr(cls, "_qsched_base", None) or cls
     if not (callable(getattr(base, "step", None)) and callable(getattr(base, "set_timesteps", None))):
@@ -79,7 +84,8 @@ def _plain_class(scheduler: Any) -> type:
     return base
 
 
-def _wrapped_class(base: type) -> type:
+def wrapped_class(base: type) -> type:
+    """The Q-Sched subclass of the diffusers scheduler class ``base`` (made once, then reused)."""
     cls = _WRAPPED_CLASSES.get(base)
     if cls is None:
         _check_supported(base)
@@ -159,7 +165,7 @@ def _factors(self: Any, timestep: Any) -> tuple[float, float]:
     coefficients = self._qsched_active
     if coefficients is None:
         raise QSchedError("step() was called before set_timesteps(); call set_timesteps first")
-    index = _step_index(self, timestep)
+    index = step_index_of(self, timestep)
     if not 0 <= index < coefficients.num_steps:
         raise QSchedError(
             f"the scheduler is at step {index} but the coefficients cover "
@@ -168,7 +174,7 @@ def _factors(self: Any, timestep: Any) -> tuple[float, float]:
     return coefficients.c_x[index], coefficients.c_eps[index]
 
 
-def _step_index(scheduler: Any, timestep: Any) -> int:
+def step_index_of(scheduler: Any, timestep: Any) -> int:
     """The index of the step about to run, as the inner scheduler sees it."""
     if hasattr(type(scheduler), "step_index"):
         if scheduler.step_index is None and hasattr(scheduler, "_init_step_index"):
