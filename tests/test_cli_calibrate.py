@@ -96,7 +96,7 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--bounds", "1.2", "0.8"], "need low < high"),
         (["--bounds", "-1", "1.2"], "finite positive"),
         (["--search", "tpe", "--trials", "0"], "expected a positive integer, got 0"),
-        (["--alignment", "pickscore"], "unknown scorer 'pickscore'; known scorers:"),
+        (["--alignment", "imagereward"], "unknown scorer 'imagereward'; known scorers:"),
         (["--search", "anneal"], "invalid choice: 'anneal'"),
         (["--space", "spline"], "invalid choice: 'spline'"),
         (["--storage", "sqlite:////nonexistent-dir/study.db"], "cannot open storage sqlite:////nonexistent-dir/study.db"),

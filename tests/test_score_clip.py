@@ -33,8 +33,8 @@ def grid_images(n: int, seed: int = 0) -> torch.Tensor:
 
 def test_registry_lists_known_names_and_rejects_unknown_ones() -> None:
     assert {"clip", "clipiqa"} <= set(scorer_names())
-    with pytest.raises(QSchedError, match=r"unknown scorer 'pickscore'; known scorers: .*clip, clipiqa"):
-        build_scorer("pickscore")
+    with pytest.raises(QSchedError, match=r"unknown scorer 'imagereward'; known scorers: .*clip, clipiqa"):
+        build_scorer("imagereward")
     with pytest.raises(QSchedError, match="has no option\\(s\\) colour; allowed: path, device, batch_size"):
         build_scorer("clip", colour="red")
     register_scorer("test-registry", lambda: (lambda images, prompts: images.mean((1, 2, 3))), replace=True)

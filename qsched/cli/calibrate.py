@@ -52,6 +52,9 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
                        help="CLIP folder (transformers format) for clip/clipiqa (default: the built-in CLIP)")
     group.add_argument("--iqa-prompts", nargs="+", default=None, metavar="PAIR",
                        help="CLIP-IQA antonym pairs 'positive|negative' or names (default: quality)")
+    group.add_argument("--alignment-path", default=None, metavar="PATH",
+                       help="local weights of the alignment scorer: a folder for pickscore (and clip), "
+                       "the checkpoint file for hpsv2; never downloaded")
     group = parser.add_argument_group("state")
     group.add_argument("--storage", default=None, metavar="URL",
                        help="optuna database URL shared by workers (default: sqlite in OUT/study.db)")
@@ -67,13 +70,29 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-def _scorer_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def _scorer_options(name: str, args: argparse.Namespace, *, weights: str | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if name in ("clip", "clipiqa") and args.clip is not None:
         options["path"] = args.clip
     if name == "clipiqa" and args.iqa_prompts is not None:
         options["prompts"] = [p.split("|", 1) if "|" in p else p for p in args.iqa_prompts]
+    if weights is not None:
+        options[_weights_option(name)] = weights
     return options
+
+
+def _weights_option(name: str) -> str:
+    """The factory option that takes a scorer's weights location: ``path`` or ``checkpoint``."""
+    import inspect
+
+    from qsched.errors import QSchedError
+    from qsched.score import scorer_info
+
+    params = inspect.signature(scorer_info(name).factory).parameters
+    for option in ("path", "checkpoint"):
+        if option in params:
+            return option
+    raise QSchedError(f"--alignment-path: scorer {name!r} takes no weights path (it has no path or checkpoint option)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     )
     jaq = JAQ(
         alignment=args.alignment, quality=args.quality, k=args.k, transform=args.transform, normalize=args.normalize,
-        alignment_options=_scorer_options(args.alignment, args), quality_options=_scorer_options(args.quality, args),
+        alignment_options=_scorer_options(args.alignment, args, weights=args.alignment_path),
+        quality_options=_scorer_options(args.quality, args),
     )
     result = calibrate(
         args.model,

@@ -12,6 +12,10 @@ weights load when :func:`build_scorer` calls the factory, never at import::
 
 Built in: ``clip`` (alignment, CLIP score per image) and ``clipiqa`` (quality,
 CLIP-IQA with antonym prompt pairs). Add your own with :func:`register_scorer`.
+
+Human-preference alignment scorers that load only from local weights (never
+downloaded): ``pickscore`` (``path=`` a PickScore folder) and ``hpsv2``
+(``checkpoint=`` an HPSv2 file; needs open_clip), see :mod:`qsched.score.preference`.
 """
 
 from __future__ import annotations
@@ -35,12 +39,17 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class ScorerInfo:
-    """A registered scorer: its factory and what it measures (``alignment`` or ``quality``)."""
+    """A registered scorer: its factory and what it measures (``alignment`` or ``quality``).
+
+    ``typical_range``: rough (low, high) of its scores on real images, when known; JAQ
+    uses it to refuse a log transform that would floor every score.
+    """
 
     name: str
     factory: Callable[..., Scorer]
     kind: str
     description: str
+    typical_range: tuple[float, float] | None = None
 
 
 _REGISTRY: dict[str, ScorerInfo] = {}
@@ -53,6 +62,7 @@ def register_scorer(
     *,
     kind: str = "quality",
     description: str = "",
+    typical_range: tuple[float, float] | None = None,
     replace: bool = False,
 ) -> None:
     """Register ``factory(**options) -> Scorer`` under ``name``.
@@ -68,7 +78,16 @@ def register_scorer(
         raise QSchedError(f"scorer kind must be one of {', '.join(_KINDS)}, got {kind!r}")
     if name in _REGISTRY and not replace:
         raise QSchedError(f"a scorer named {name!r} is already registered; pass replace=True to replace it")
-    _REGISTRY[name] = ScorerInfo(name=name, factory=factory, kind=kind, description=description)
+    if typical_range is not None:
+        try:
+            low, high = (float(v) for v in typical_range)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        if not low <= high:
+            raise QSchedError(f"typical_range of scorer {name!r} must be two numbers (low, high), got {typical_range!r}")
+        typical_range = (low, high)
+    _REGISTRY[name] = ScorerInfo(name=name, factory=factory, kind=kind, description=description,
+                                 typical_range=typical_range)
 
 
 def scorer_names() -> list[str]:
@@ -123,6 +142,13 @@ def _register_builtin() -> None:
                     description="CLIP score per image: 100 * max(cos(image, prompt), 0) (torchmetrics CLIPScore)")
     register_scorer("clipiqa", clip.clip_iqa_factory, kind="quality",
                     description="CLIP-IQA: softmax over antonym prompt pairs, mean over pairs (torchmetrics)")
+
+    from qsched.score import preference
+
+    register_scorer("pickscore", preference.pickscore_factory, kind="alignment", typical_range=(15.0, 25.0),
+                    description="PickScore: logit_scale.exp() * cos(image, prompt) (needs path= the local weights)")
+    register_scorer("hpsv2", preference.hpsv2_factory, kind="alignment", typical_range=(0.15, 0.35),
+                    description="HPSv2 / v2.1: cos(image, prompt) of open_clip ViT-H-14 (needs open_clip and checkpoint=)")
 
 
 _register_builtin()

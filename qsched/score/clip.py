@@ -27,11 +27,18 @@ from qsched.errors import QSchedError
 DEFAULT_IQA_PROMPTS: tuple[str, ...] = ("quality",)
 
 
-def load_clip(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+def load_clip(
+    path: str | os.PathLike | None = None,
+    *,
+    processor_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    what: str = "CLIP",
+) -> tuple[Any, Any]:
     """``(model, processor)`` with ``model.get_*_features`` returning tensors, float32, eval mode.
 
-    ``path`` None is the built-in CLIP. A missing folder or file raises
-    :class:`QSchedError` naming it.
+    ``path`` None is the built-in CLIP. ``processor_path`` (default: ``path``) is where
+    the processor lives when the weights come without one (PickScore). ``what`` names
+    the model in messages. A missing folder or file raises :class:`QSchedError` naming it.
     """
     from qsched.builtin.clip import ASSET_DIR, PooledCLIP, load_builtin_clip
 
@@ -44,22 +51,40 @@ def load_clip(path: str | os.PathLike | None = None, *, device: str | torch.devi
         return load_builtin_clip(None, device=device)
     from transformers import CLIPModel, CLIPProcessor
 
+    source, kwargs = pretrained_source(path, what=what)
+    if processor_path is None:
+        processor_source, processor_kwargs = source, kwargs
+    else:
+        processor_source, processor_kwargs = pretrained_source(processor_path, what=f"{what} processor", required=None)
+    processor = _from_pretrained(CLIPProcessor, processor_source, processor_kwargs, f"{what} processor")  # cheap: first
+    model = _from_pretrained(CLIPModel, source, kwargs, what, dtype=torch.float32)
+    return PooledCLIP(model).to(device).eval(), processor
+
+
+def pretrained_source(
+    path: str | os.PathLike, *, what: str = "CLIP", required: str | None = "config.json"
+) -> tuple[str, dict[str, Any]]:
+    """``(source, from_pretrained kwargs)`` of a local folder or of a hub id in the local cache.
+
+    A hub id gets ``local_files_only=True``: qsched never downloads. A folder must hold
+    ``required`` (None: anything); a path that is neither raises :class:`QSchedError`.
+    """
     folder = Path(path).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise QSchedError(f"CLIP folder {folder} has no config.json; pass a CLIP saved in transformers format")
-        source, kwargs = str(folder), {}
-    elif _looks_like_hub_id(str(path)):
-        source, kwargs = str(path), {"local_files_only": True}
-    else:
-        raise QSchedError(f"CLIP folder {folder} does not exist; pass a CLIP saved in transformers format")
+        if required is not None and not (folder / required).is_file():
+            raise QSchedError(f"{what} folder {folder} has no {required}; pass a {what} saved in transformers format")
+        return str(folder), {}
+    if _looks_like_hub_id(str(path)):
+        return str(path), {"local_files_only": True}
+    raise QSchedError(f"{what} folder {folder} does not exist; pass a {what} saved in transformers format")
+
+
+def _from_pretrained(cls: Any, source: str, kwargs: dict[str, Any], what: str, **extra: Any) -> Any:
     try:
-        model = CLIPModel.from_pretrained(source, dtype=torch.float32, **kwargs)
-        processor = CLIPProcessor.from_pretrained(source, **kwargs)
+        return cls.from_pretrained(source, **kwargs, **extra)
     except (OSError, ValueError, RuntimeError) as err:
         hint = " (qsched does not download: it must be a local folder or in the local cache)" if kwargs else ""
-        raise QSchedError(f"cannot load a CLIP from {source}{hint}: {err}") from None
-    return PooledCLIP(model).to(device).eval(), processor
+        raise QSchedError(f"cannot load a {what} from {source}{hint}: {err}") from None
 
 
 def _looks_like_hub_id(text: str) -> bool:

@@ -10,7 +10,9 @@ the alignment term and the normalisation. Per image ``i``::
 and the JAQ of a candidate is the mean of ``JAQ_i`` over the calibration images.
 The log floor of 1 is a CLIP score of 1 (cosine 0.01): an unrelated image, and the
 largest penalty one image can contribute, so a single clamped image cannot send
-the mean to minus infinity.
+the mean to minus infinity. An alignment scorer whose scores all lie below the
+floor (HPSv2, about 0.2-0.3: its registered ``typical_range``) would make the log
+term 0 for every image, so ``transform="log"`` is refused for it: use ``"none"``.
 
 ``normalize="zscore"`` divides each (transformed) term, after subtracting its mean,
 by its standard deviation *over the calibration images of the uncorrected model*
@@ -116,6 +118,12 @@ class JAQ:
         object.__setattr__(self, "k", float(self.k))
         if self.transform not in TRANSFORMS:
             raise QSchedError(f"unknown alignment transform {self.transform!r}; allowed: {', '.join(TRANSFORMS)}")
+        typical = scorer_info(self.alignment).typical_range
+        if self.transform == "log" and typical is not None and typical[1] <= LOG_FLOOR:
+            raise QSchedError(
+                f"transform 'log' takes log(max({self.alignment}, {LOG_FLOOR:g})), but {self.alignment} scores are "
+                f"about {typical[0]:g}-{typical[1]:g}: every image would score 0; use transform 'none' (--transform none)"
+            )
         if self.normalize not in NORMALIZATIONS:
             raise QSchedError(f"unknown normalisation {self.normalize!r}; allowed: {', '.join(NORMALIZATIONS)}")
         for name in ("alignment_options", "quality_options"):
