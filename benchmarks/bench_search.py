@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qsched.calibrate import calibrate
+from qsched.prepare import ModelOptions
 from qsched.quant import parse_preset
 from qsched.search.samplers import SearchSettings
 
@@ -58,7 +59,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = parse_preset(args.quant)
-    common = dict(recipe=recipe, steps=args.steps, progress=True, resume=True)
+    common = dict(recipe=recipe, options=ModelOptions(steps=args.steps), progress=True, resume=True)
 
     start = time.perf_counter()
     grid = calibrate(args.model, out=args.out / f"grid{args.grid_points}",

@@ -24,7 +24,7 @@ import torch
 
 from qsched.card import ScheduleCard
 from qsched.errors import QSchedError
-from qsched.prepare import PreparedPipeline, prepare_pipeline, resolve_dtype
+from qsched.prepare import ModelOptions, PreparedPipeline, prepare_pipeline, resolve_dtype
 from qsched.provenance import package_versions, write_json_atomic
 from qsched.quant import QuantRecipe
 from qsched.schedule import QSchedCoefficients
@@ -111,20 +111,13 @@ def calibrate(
     resume: bool = False,
     overwrite: bool = False,
     allow_full_precision: bool = False,
-    family: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "auto",
-    backend: str = "fake",
+    options: ModelOptions | None = None,
     batch_size: int = 8,
     progress: bool = True,
     heartbeat_interval: int | None = 10,
     grace_period: int | None = 60,
 ) -> CalibrationResult:
-    """Search the coefficients of ``model`` quantized with ``recipe``; write the results to ``out``.
+    """Search the coefficients of ``model`` (set up by ``options``) quantized with ``recipe``; write to ``out``.
 
     ``prompts`` (a list) or ``prompts_file`` (any format :func:`qsched.prompts.read_prompts`
     reads); neither: the built-in calibration set. ``storage`` is an optuna database URL
@@ -133,6 +126,7 @@ def calibrate(
     existing study is refused. Every input is checked before anything is written.
     """
     started = time.perf_counter()
+    options = options or ModelOptions()
     search = SearchSettings() if search is None else search
     jaq = JAQ() if jaq is None else jaq
     if recipe.is_noop and not allow_full_precision:
@@ -150,14 +144,11 @@ def calibrate(
     _check_output_dir(out, resume=resume, overwrite=overwrite)
     explicit = None if storage is None else open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
 
-    evaluator = jaq.build(device=device)  # loads the scorers' weights (a missing file is named)
-    prepared = prepare_pipeline(
-        model, recipe=recipe, family=family, steps=steps, guidance_scale=guidance_scale,
-        height=height, width=width, device=device, dtype=dtype, backend=backend,
-    )
+    evaluator = jaq.build(device=options.device)  # loads the scorers' weights (a missing file is named)
+    prepared = prepare_pipeline(model, recipe=recipe, options=options)
     space = search.space_for(prepared.steps)
     budget = search.budget(space)
-    settings = _settings(prepared, prompt_info, search, space, jaq, dtype=dtype, backend=backend)
+    settings = _settings(prepared, prompt_info, search, space, jaq, options=options)
 
     if explicit is not None:  # join/create before creating --out: a refused resume writes nothing
         opened = open_study(explicit, name=study, settings=settings, baseline=space.identity_params(), resume=resume)
@@ -295,8 +286,7 @@ def _settings(
     space: SearchSpace,
     jaq: JAQ,
     *,
-    dtype: str | torch.dtype,
-    backend: str,
+    options: ModelOptions,
 ) -> dict[str, Any]:
     """Everything that decides a candidate's JAQ; a resumed or joining run must match it exactly."""
     search_settings = {k: v for k, v in search.to_dict().items() if k != "trials"}  # the budget may grow
@@ -308,8 +298,8 @@ def _settings(
         "height": prepared.height,
         "width": prepared.width,
         "quant": prepared.recipe.to_dict(),
-        "backend": backend,
-        "dtype": str(resolve_dtype(dtype, str(prepared.pipe.device))).replace("torch.", ""),
+        "backend": options.backend,
+        "dtype": str(resolve_dtype(options.dtype, str(prepared.pipe.device))).replace("torch.", ""),
         "prompts": {"sha256": prompt_info["sha256"], "count": prompt_info["count"]},
         "search": search_settings,
         "space": space.to_dict(),

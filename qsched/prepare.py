@@ -6,6 +6,7 @@ is set up the same way. Every input is validated before any output is written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,30 @@ from qsched.errors import QSchedError
 from qsched.families import LoadedPipeline, load_pipeline
 from qsched.quant import QuantRecipe, QuantReport, load_packed, parse_preset, quantize, read_packed_recipe
 from qsched.scheduler import unwrap, wrap
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model is set up for sampling, apart from its quantization (shared by generate, calibrate, evaluate).
+
+    ``steps`` None: the card's, else the family's default; ``guidance_scale`` None: the
+    family's; ``height``/``width`` None: the pipeline's own size; ``family`` None:
+    detected from the pipeline; ``dtype`` ``"auto"``: float32 on CPU, float16 elsewhere;
+    ``backend``: the quantization backend (``fake``, ``torchao``, ``quanto``).
+    """
+
+    family: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    device: str = "cpu"
+    dtype: str | torch.dtype = "auto"
+    backend: str = "fake"
+
+    def replace(self, **changes: Any) -> ModelOptions:
+        """A copy with ``changes`` (e.g. the device a worker process resolved)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -72,28 +97,21 @@ def prepare_pipeline(
     recipe: QuantRecipe | None = None,
     packed: str | os.PathLike | None = None,
     card: ScheduleCard | None = None,
-    family: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "auto",
-    backend: str = "fake",
+    options: ModelOptions | None = None,
 ) -> PreparedPipeline:
-    """Load ``model``, quantize its denoiser with ``recipe`` and apply ``card``'s coefficients.
+    """Load ``model`` set up by ``options``, quantize its denoiser with ``recipe``, apply ``card``'s coefficients.
 
     With ``packed`` (a file from :func:`qsched.quant.save_packed`) the denoiser's
     quantized weights come from that file. ``recipe`` defaults to the packed
     checkpoint's, else the card's, else full precision; all that are given must agree.
 
-    ``steps`` defaults to the card's, else the family's default; a card made for
-    another family or step count is refused. ``height``/``width`` of None use the
-    pipeline's own default image size.
+    ``options.steps`` defaults to the card's, else the family's default; a card made
+    for another family or step count is refused.
     """
-    check_device(device)
+    options = options or ModelOptions()
+    device, steps = check_device(options.device), options.steps
     recipe = _resolve_recipe(recipe, packed, card)
-    loaded = load_pipeline(model, family=family, device=device, dtype=resolve_dtype(dtype, device))
+    loaded = load_pipeline(model, family=options.family, device=device, dtype=resolve_dtype(options.dtype, device))
     spec = loaded.family
     if steps is None:
         steps = card.steps if card is not None else spec.default_steps
@@ -104,7 +122,7 @@ def prepare_pipeline(
     if packed is not None:
         report = load_packed(denoiser, packed)
     else:
-        report = quantize(denoiser, recipe, backend=backend)
+        report = quantize(denoiser, recipe, backend=options.backend)
     pipe = loaded.pipe
     pipe.scheduler = wrap(pipe.scheduler, card.coefficients) if card is not None else unwrap(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -114,9 +132,9 @@ def prepare_pipeline(
         report=report,
         card=card,
         steps=steps,
-        guidance_scale=spec.guidance_scale if guidance_scale is None else float(guidance_scale),
-        height=height,
-        width=width,
+        guidance_scale=spec.guidance_scale if options.guidance_scale is None else float(options.guidance_scale),
+        height=options.height,
+        width=options.width,
     )
 
 

@@ -11,13 +11,14 @@ import torch
 
 from qsched.calibrate import cached_text_encoders, calibrate
 from qsched.errors import QSchedError
+from qsched.prepare import ModelOptions
 from qsched.quant import parse_preset
 from qsched.score import register_scorer
 from qsched.score.jaq import JAQ
 from qsched.search import SearchSettings
 
 PROMPTS = ["a shoe", "a red bag", "a coat"]
-TINY = {"steps": 2, "height": 32, "width": 32, "progress": False}
+TINY = {"options": ModelOptions(steps=2, height=32, width=32), "progress": False}
 
 
 def _mean(**_):
@@ -120,7 +121,7 @@ def test_text_encoder_cache_is_bit_identical(tiny_pipeline_path, family: str) ->
     from qsched.generate import sample
     from qsched.prepare import prepare_pipeline
 
-    prepared = prepare_pipeline(tiny_pipeline_path(family), recipe=parse_preset("w4a8"), steps=2, height=32, width=32)
+    prepared = prepare_pipeline(tiny_pipeline_path(family), recipe=parse_preset("w4a8"), options=TINY["options"])
     plain = sample(prepared, PROMPTS[:2], [0, 1], seed=5, output_type="pt")
     with cached_text_encoders(prepared.pipe):
         first = sample(prepared, PROMPTS[:2], [0, 1], seed=5, output_type="pt")

@@ -13,6 +13,7 @@ from PIL import Image
 from qsched.errors import QSchedError
 from qsched.evaluate import EvalSettings, MetricSettings, evaluate, parse_configs
 from qsched.evaluate.generation import load_images
+from qsched.prepare import ModelOptions
 
 PROMPTS = ("a cat", "a dog", "a red shoe", "an ankle boot")
 
@@ -43,7 +44,8 @@ def reference_dir(tmp_path_factory):
 def settings(tiny_pipeline_path, out, **overrides):
     base = EvalSettings(
         model=str(tiny_pipeline_path("lcm")), prompts=PROMPTS, configs=tuple(parse_configs("fp,w4a8")), out=str(out),
-        metrics=("mse", "size"), seed=0, batch_size=2, steps=2, height=32, width=32, progress=False, grid_prompts=2,
+        metrics=("mse", "size"), seed=0, batch_size=2, options=ModelOptions(steps=2, height=32, width=32),
+        progress=False, grid_prompts=2,
     )
     return replace(base, **overrides)
 

@@ -9,17 +9,16 @@ from PIL import Image
 from qsched.card import ScheduleCard
 from qsched.errors import QSchedError
 from qsched.generate import batches, generate_to_folder, image_seed
-from qsched.prepare import prepare_pipeline
+from qsched.prepare import ModelOptions, prepare_pipeline
 from qsched.quant import parse_preset
 from qsched.schedule import QSchedCoefficients
 
 PROMPTS = ["a red shoe", "a blue bag", "a grey coat"]
 
 
-def prepared(path, **kwargs):
-    options = dict(recipe=parse_preset("w8a8"), steps=2, height=32, width=32)
-    options.update(kwargs)
-    return prepare_pipeline(path, **options)
+def prepared(path, *, card=None, steps=2):
+    return prepare_pipeline(path, recipe=parse_preset("w8a8"), card=card,
+                            options=ModelOptions(steps=steps, height=32, width=32))
 
 
 def pixels(folder, index):

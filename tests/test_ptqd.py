@@ -8,12 +8,12 @@ import torch
 
 from qsched.errors import QSchedError
 from qsched.generate import sample
-from qsched.prepare import prepare_pipeline
+from qsched.prepare import ModelOptions, prepare_pipeline
 from qsched.ptqd import PTQDStats, estimate_ptqd, fit_step, ptqd_wrap
 from qsched.quant import parse_preset
 from qsched.scheduler import is_wrapped, unwrap
 
-SIZE = {"height": 32, "width": 32}
+TWO_STEPS = ModelOptions(steps=2, height=32, width=32)
 
 
 def test_fit_recovers_a_known_scale_and_residual_variance():
@@ -48,8 +48,8 @@ def test_stats_round_trip_and_checks(tmp_path):
 @pytest.fixture(scope="module")
 def pipelines(tiny_pipeline_path):
     folder = tiny_pipeline_path("lcm")
-    fp = prepare_pipeline(folder, steps=2, **SIZE)
-    quantized = prepare_pipeline(folder, recipe=parse_preset("w4a4"), steps=2, **SIZE)
+    fp = prepare_pipeline(folder, options=TWO_STEPS)
+    quantized = prepare_pipeline(folder, recipe=parse_preset("w4a4"), options=TWO_STEPS)
     return fp, quantized
 
 

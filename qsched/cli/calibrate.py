@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, model_kwargs, non_negative_int, positive_int
+from qsched.cli.options import add_model_options, model_options, non_negative_int, positive_int
 
 DEFAULT_QUANT = "w4a8"
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         allow_full_precision=args.allow_fp,
         batch_size=args.batch_size,
         progress=not args.no_progress,
-        **model_kwargs(args),
+        options=model_options(args),
     )
     print(result.summary())
     return 0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
-from qsched.cli.options import DEFAULT_MODEL, non_negative_int, positive_int
+from qsched.cli.options import DEFAULT_MODEL, model_options, non_negative_int, positive_int
 
 BUILTIN_EVALUATION_PROMPTS = "qsched/builtin/evaluation_prompts.txt"
 
@@ -116,9 +116,8 @@ def build_settings(args: argparse.Namespace) -> Any:
                             card_recipes=card_recipes, ptqd_stats=ptqd)
     return EvalSettings(
         model=args.model, prompts=tuple(prompts), configs=tuple(configs), out=args.out, metrics=metrics,
-        seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance,
-        height=args.height, width=args.width, family=args.family, device=args.device, dtype=args.dtype,
-        backend=args.backend, keep_going=args.keep_going, grid_prompts=args.grid_prompts,
+        seed=args.seed, batch_size=args.batch_size, options=model_options(args),
+        keep_going=args.keep_going, grid_prompts=args.grid_prompts,
         metric_settings=MetricSettings(fid_features=args.fid_features, reference=args.reference, clip_model=args.clip_model,
                                        batch_size=max(args.batch_size, 32)),
         progress=not args.no_progress,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, model_kwargs, non_negative_int, parse_quant, positive_int
+from qsched.cli.options import add_model_options, model_options, non_negative_int, parse_quant, positive_int
 
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=parse_quant(args.quant),
         packed=args.packed,
         card=card,
-        **model_kwargs(args),
+        options=model_options(args),
     )
     records = generate_to_folder(
         prepared,

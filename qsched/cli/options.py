@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from qsched.quant import QuantRecipe, parse_preset
+
+if TYPE_CHECKING:
+    from qsched.prepare import ModelOptions
 
 DEFAULT_MODEL = "builtin"
 
@@ -35,7 +39,7 @@ def add_model_options(
     quant_help: str = "fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the --packed or card recipe, else fp)",
     packed: bool = True,
 ) -> None:
-    """The options that choose and set up the model; :func:`model_kwargs` passes them on."""
+    """The options that choose and set up the model; :func:`model_options` passes them on."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help="local pipeline folder, cached hub id, or 'builtin' (default: %(default)s)")
@@ -59,15 +63,11 @@ def parse_quant(quant: str | None) -> QuantRecipe | None:
     return None if quant is None else parse_preset(quant)
 
 
-def model_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    """Keyword arguments of :func:`qsched.prepare.prepare_pipeline` from :func:`add_model_options`."""
-    return {
-        "family": args.family,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
-        "height": args.height,
-        "width": args.width,
-        "device": args.device,
-        "dtype": args.dtype,
-        "backend": args.backend,
-    }
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The :class:`~qsched.prepare.ModelOptions` of :func:`add_model_options`."""
+    from qsched.prepare import ModelOptions
+
+    return ModelOptions(
+        family=args.family, steps=args.steps, guidance_scale=args.guidance, height=args.height,
+        width=args.width, device=args.device, dtype=args.dtype, backend=args.backend,
+    )

@@ -35,7 +35,7 @@ from qsched.evaluate.generation import (
 from qsched.evaluate.metrics import METRICS, MetricResult, MetricSettings, build_suite, denoiser_size, summarize
 from qsched.evaluate.parallel import Workers, current_workers
 from qsched.evaluate.report import plot_bars, plot_grid, relative_change, results_table, write_markdown
-from qsched.prepare import PreparedPipeline, prepare_pipeline
+from qsched.prepare import ModelOptions, PreparedPipeline, prepare_pipeline
 from qsched.provenance import package_versions, sha256_file, write_json_atomic
 
 BUILTIN_CALIBRATION_PROMPTS = Path(__file__).resolve().parents[1] / "builtin" / "calibration_prompts.txt"
@@ -52,14 +52,7 @@ class EvalSettings:
     metrics: tuple[str, ...] = METRICS
     seed: int = 0
     batch_size: int = 8
-    steps: int | None = None
-    guidance_scale: float | None = None
-    height: int | None = None
-    width: int | None = None
-    family: str | None = None
-    device: str = "cpu"
-    dtype: str = "auto"
-    backend: str = "fake"
+    options: ModelOptions = field(default_factory=ModelOptions)
     metric_settings: MetricSettings = field(default_factory=MetricSettings)
     keep_going: bool = False
     calibration_prompts: tuple[str, ...] | None = None
@@ -94,12 +87,12 @@ def evaluate(settings: EvalSettings, *, workers: Workers | None = None) -> EvalR
     """Run the evaluation of ``settings`` (see the module docstring)."""
     started = time.perf_counter()
     workers = workers or current_workers()
-    device = workers.device(settings.device)
+    device = workers.device(settings.options.device)
     out = Path(settings.out)
     fp_config = next(c for c in settings.configs if c.is_fp)
     fp = _prepare(settings, fp_config, device=device)
     spec = EvalSpec(model=fp.loaded.source, family=fp.family, steps=fp.steps, guidance_scale=fp.guidance_scale,
-                    height=settings.height, width=settings.width, seed=settings.seed,
+                    height=settings.options.height, width=settings.options.width, seed=settings.seed,
                     num_images=len(settings.prompts), prompts_sha256=prompts_digest(settings.prompts))
     cards = {c.name: _load_card(c.card, fp) for c in settings.configs if c.card is not None}
     check_manifest(out, spec)
@@ -150,11 +143,8 @@ def evaluate(settings: EvalSettings, *, workers: Workers | None = None) -> EvalR
 def _prepare(settings: EvalSettings, config: EvalConfig, *, device: str,
              correction: dict[str, Any] | None = None) -> PreparedPipeline:
     card = ScheduleCard.load(correction["file"]) if correction and correction["kind"] in ("card", "qsched") else None
-    prepared = prepare_pipeline(
-        settings.model, recipe=config.recipe, card=card, family=settings.family, steps=settings.steps,
-        guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-        device=device, dtype=settings.dtype, backend=settings.backend,
-    )
+    prepared = prepare_pipeline(settings.model, recipe=config.recipe, card=card,
+                                options=settings.options.replace(device=device))
     if correction and correction["kind"] == "ptqd":
         from qsched.ptqd import PTQDStats, ptqd_wrap
 
@@ -211,9 +201,8 @@ def _calibrate(settings: EvalSettings, config: EvalConfig, fp: PreparedPipeline,
     calibrate(
         settings.model, recipe=config.recipe, out=folder, search=settings.calibration_search,
         prompts=_calibration_prompts(settings), resume=folder.is_dir() and any(folder.iterdir()),
-        family=settings.family, steps=fp.steps, guidance_scale=settings.guidance_scale,
-        height=settings.height, width=settings.width, device=device, dtype=settings.dtype,
-        backend=settings.backend, progress=settings.progress, allow_full_precision=config.recipe.is_noop,
+        options=settings.options.replace(steps=fp.steps, device=device), progress=settings.progress,
+        allow_full_precision=config.recipe.is_noop,
     )
 
 
@@ -293,8 +282,8 @@ def _write_outputs(settings: EvalSettings, out: Path, spec: EvalSpec, results: d
         "format": "qsched-evaluation-results", "version": 1, "spec": spec.to_dict(),
         "configs": [{**c.identity(), "correction_source": corrections.get(c.name)} for c in settings.configs],
         "metrics": metrics, "results": results, "generated_this_run": generated,
-        "settings": {"batch_size": settings.batch_size, "device": settings.device, "dtype": settings.dtype,
-                     "backend": settings.backend, "processes": workers.world, "keep_going": settings.keep_going,
+        "settings": {"batch_size": settings.batch_size, "device": settings.options.device,
+                     "dtype": str(settings.options.dtype), "backend": settings.options.backend, "processes": workers.world, "keep_going": settings.keep_going,
                      "metric_settings": {k: getattr(settings.metric_settings, k) for k in settings.metric_settings.__dataclass_fields__}},
         "wall_s": round(wall_s, 3), "versions": package_versions(),
     })
