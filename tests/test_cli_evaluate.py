@@ -27,6 +27,8 @@ def base(tiny_pipeline_path, tmp_path):
     (["--metrics", "fid,lpips"], "unknown metric 'lpips'"),
     (["--num", "0"], "--num must be a positive integer, got 0"),
     (["--configs", "w4a8+card"], "needs a schedule card for recipe 'w4a8'"),
+    (["--scorer-weights", "pickscore"], "--scorer-weights takes SCORER=PATH"),
+    (["--metrics", "mse,pickscore", "--scorer-weights", "pickscore=/nonexistent/ps"], "metric pickscore: "),
 ])
 def test_bad_input_is_one_line_exit_2(base, tmp_path, capsys, extra, message):
     assert main([*base, *extra, "--out", str(tmp_path / "out")]) == 2

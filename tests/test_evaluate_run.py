@@ -14,6 +14,7 @@ from qsched.errors import QSchedError
 from qsched.evaluate import EvalSettings, MetricSettings, evaluate, parse_configs
 from qsched.evaluate.generation import load_images
 from qsched.prepare import ModelOptions
+from qsched.score import register_scorer
 
 PROMPTS = ("a cat", "a dog", "a red shoe", "an ankle boot")
 
@@ -117,6 +118,29 @@ def test_missing_metric_weights_stop_the_run_unless_keep_going(tiny_pipeline_pat
     with pytest.raises(QSchedError, match="metric clip: .*missing-clip.*--keep-going"):
         evaluate(s)
     assert not (tmp_path / "x").exists()  # nothing written before inputs are checked
+
+
+def test_any_registered_scorer_is_a_metric_with_its_weights_option(tiny_pipeline_path, tmp_path):
+    seen = {}
+
+    def factory(path: str, device: str = "cpu"):
+        seen.update(path=path, device=device)
+        return lambda images, prompts: images.mean((1, 2, 3)) * 10  # brightness, per image
+
+    register_scorer("test-brightness", factory, kind="quality", replace=True)
+    s = settings(tiny_pipeline_path, tmp_path / "s", metrics=("test-brightness", "brisque", "mse"),
+                 metric_settings=MetricSettings(scorer_weights={"test-brightness": "/weights/b"}))
+    result = evaluate(s)
+    assert seen == {"path": "/weights/b", "device": "cpu"}
+    for config in ("fp", "w4a8"):
+        images = load_images(tmp_path / "s" / "images" / config, range(len(PROMPTS))).float() / 255
+        row = result.results[config]
+        assert row["test-brightness"]["value"] == pytest.approx(float(images.mean((1, 2, 3)).mean() * 10), rel=1e-6)
+        assert row["brisque"]["status"] == "ok" and row["brisque"]["count"] == len(PROMPTS)
+    assert "test-brightness" in result.table and "-BRISQUE" in result.table
+    with pytest.raises(QSchedError, match="weights are given for pickscore, which is not among the metrics"):
+        settings(tiny_pipeline_path, tmp_path / "t", metrics=("mse",),
+                 metric_settings=MetricSettings(scorer_weights={"pickscore": "/w"}))
 
 
 def test_too_small_reference_names_the_minimum(tiny_pipeline_path, tmp_path, features_file, reference_dir):

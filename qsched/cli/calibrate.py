@@ -83,16 +83,13 @@ def _scorer_options(name: str, args: argparse.Namespace, *, weights: str | None 
 
 def _weights_option(name: str) -> str:
     """The factory option that takes a scorer's weights location: ``path`` or ``checkpoint``."""
-    import inspect
-
     from qsched.errors import QSchedError
-    from qsched.score import scorer_info
+    from qsched.score import weights_option
 
-    params = inspect.signature(scorer_info(name).factory).parameters
-    for option in ("path", "checkpoint"):
-        if option in params:
-            return option
-    raise QSchedError(f"--alignment-path: scorer {name!r} takes no weights path (it has no path or checkpoint option)")
+    option = weights_option(name)
+    if option is None:
+        raise QSchedError(f"--alignment-path: scorer {name!r} takes no weights path (it has no path or checkpoint option)")
+    return option
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,12 +40,17 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
                         help="schedule card for +card/+qsched configurations of its recipe (repeatable)")
     parser.add_argument("--ptqd-stats", action="append", default=[], metavar="FILE",
                         help="PTQD statistics for +ptqd configurations of their recipe (repeatable; default: estimate)")
-    parser.add_argument("--metrics", default="fid,clip,clipiqa,mse,size", help="comma-separated: fid, clip, clipiqa, mse, size")
+    parser.add_argument("--metrics", default="fid,clip,clipiqa,mse,size",
+                        help="comma-separated: fid, mse, size, or any scorer (clip, clipiqa, brisque, niqe, pickscore, "
+                        "hpsv2; `qsched.score.scorer_names()`) (default: %(default)s)")
     parser.add_argument("--reference", default=None, metavar="DIR|STATS",
                         help="FID reference images folder or statistics file (default: built-in Fashion-MNIST test stats)")
     parser.add_argument("--fid-features", default="auto",
                         help="auto (EffNet for the built-in model), effnet, clip, or a local TorchScript feature network file")
     parser.add_argument("--clip-model", default=None, metavar="DIR", help="CLIP folder for clip/clipiqa (default: built-in CLIP)")
+    parser.add_argument("--scorer-weights", action="append", default=[], metavar="SCORER=PATH",
+                        help="local weights of a scorer metric, e.g. pickscore=/models/PickScore_v1 or "
+                        "hpsv2=/models/HPS_v2.1_compressed.pt (repeatable; never downloaded)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the family's)")
@@ -119,9 +124,23 @@ def build_settings(args: argparse.Namespace) -> Any:
         seed=args.seed, batch_size=args.batch_size, options=model_options(args),
         keep_going=args.keep_going, grid_prompts=args.grid_prompts,
         metric_settings=MetricSettings(fid_features=args.fid_features, reference=args.reference, clip_model=args.clip_model,
+                                       scorer_weights=_scorer_weights(args.scorer_weights),
                                        batch_size=max(args.batch_size, 32)),
         progress=not args.no_progress,
     )
+
+
+def _scorer_weights(items: list[str]) -> dict[str, str]:
+    """``["pickscore=/models/ps"]`` -> ``{"pickscore": "/models/ps"}``; malformed items are refused."""
+    from qsched.errors import QSchedError
+
+    weights = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise QSchedError(f"--scorer-weights takes SCORER=PATH (e.g. pickscore=/models/PickScore_v1), got {item!r}")
+        weights[name.strip()] = path
+    return weights
 
 
 def _launch(processes: int) -> int:

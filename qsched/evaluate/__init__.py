@@ -11,10 +11,10 @@ values), :mod:`~qsched.evaluate.generation` (resumable images per configuration)
 from __future__ import annotations
 
 from qsched.evaluate.configs import DEFAULT_CONFIGS, EvalConfig, parse_configs
-from qsched.evaluate.metrics import DEFAULT_METRICS, METRICS, MetricResult, MetricSettings, parse_metrics
+from qsched.evaluate.metrics import DEFAULT_METRICS, MetricResult, MetricSettings, known_metrics, parse_metrics
 from qsched.evaluate.run import EvalResult, EvalSettings, evaluate
 
 __all__ = [
-    "DEFAULT_CONFIGS", "DEFAULT_METRICS", "METRICS", "EvalConfig", "EvalResult", "EvalSettings",
-    "MetricResult", "MetricSettings", "evaluate", "parse_configs", "parse_metrics",
+    "DEFAULT_CONFIGS", "DEFAULT_METRICS", "EvalConfig", "EvalResult", "EvalSettings",
+    "MetricResult", "MetricSettings", "evaluate", "known_metrics", "parse_configs", "parse_metrics",
 ]

@@ -1,4 +1,8 @@
-"""Metrics of an evaluation: FID, CLIP score, CLIP-IQA, mean squared error to ``fp``, model size.
+"""Metrics of an evaluation: FID, any registered scorer (CLIP score, CLIP-IQA, ...), MSE to ``fp``, size.
+
+Besides ``fid``, ``mse`` and ``size``, every scorer of :mod:`qsched.score` is a metric
+under its name (``clip``, ``clipiqa``, ``brisque``, ``niqe``, ``pickscore``, ``hpsv2``
+and any registered later): the mean of its per-image scores, higher is better.
 
 Metric resources (weights, reference statistics) load *before* any image is made,
 so a missing file stops the run at once (or, with ``keep_going``, marks that metric
@@ -20,21 +24,33 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from qsched.errors import QSchedError
 
-METRICS = ("fid", "clip", "clipiqa", "mse", "size")
-DEFAULT_METRICS = METRICS
-#: Direction of each metric (for the table's arrows and the chart).
-HIGHER_IS_BETTER = {"fid": False, "clip": True, "clipiqa": True, "mse": False, "size": False}
-UNITS = {"fid": "", "clip": "", "clipiqa": "", "mse": "", "size": "MB"}
+#: Metrics that are not scorers.
+BASE_METRICS = ("fid", "mse", "size")
+DEFAULT_METRICS = ("fid", "clip", "clipiqa", "mse", "size")
+#: Direction of the base metrics (scorers are higher-is-better), for the table's arrows and the chart.
+HIGHER_IS_BETTER = {"fid": False, "mse": False, "size": False}
+UNITS = {"size": "MB"}
 #: Fewest reference images accepted for FID (its covariance needs many more for stable numbers).
 MIN_REFERENCE_IMAGES = 50
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def known_metrics() -> tuple[str, ...]:
+    """The base metrics and every registered scorer."""
+    from qsched.score import scorer_names
+
+    return BASE_METRICS + tuple(n for n in scorer_names() if n not in BASE_METRICS)
+
+
+def is_scorer_metric(name: str) -> bool:
+    return name not in BASE_METRICS
 
 
 def parse_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -42,10 +58,10 @@ def parse_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
     items = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)]
     items = [n for n in items if n]
     if not items:
-        raise QSchedError(f"no metrics given; allowed: {', '.join(METRICS)}")
+        raise QSchedError(f"no metrics given; allowed: {', '.join(known_metrics())}")
     for name in items:
-        if name not in METRICS:
-            raise QSchedError(f"unknown metric {name!r}; allowed: {', '.join(METRICS)}")
+        if name not in known_metrics():
+            raise QSchedError(f"unknown metric {name!r}; allowed: {', '.join(known_metrics())}")
     return tuple(dict.fromkeys(items))
 
 
@@ -58,12 +74,14 @@ class MetricSettings:
     folder of images or a statistics file (``.safetensors`` from
     :func:`qsched.builtin.fid.save_stats`); None: the built-in Fashion-MNIST test
     statistics (built-in model only). ``clip_model``: a CLIP folder for ``clip`` and
-    ``clipiqa`` (None: the built-in CLIP).
+    ``clipiqa`` (None: the built-in CLIP). ``scorer_weights``: ``{scorer: path}`` for
+    scorers whose weights are given by a path or checkpoint (``pickscore``, ``hpsv2``).
     """
 
     fid_features: str = "auto"
     reference: str | None = None
     clip_model: str | None = None
+    scorer_weights: Mapping[str, str] = field(default_factory=dict)
     min_reference: int = MIN_REFERENCE_IMAGES
     batch_size: int = 64
     cache_dir: str | None = None
@@ -236,9 +254,8 @@ class MetricSuite:
         floats = images.float() / 255.0
         if self.active("fid"):
             out["fid"] = _guard(lambda: self.extractor(images).float().cpu())
-        for name in ("clip", "clipiqa"):
+        for name, scorer in self.scorers.items():
             if self.active(name):
-                scorer = self.scorers[name]
                 out[name] = _guard(lambda s=scorer, n=name: _checked(n, s(floats, list(prompts)), len(prompts)))
         if self.active("mse") and fp_images is not None:
             out["mse"] = ((floats - fp_images.float() / 255.0) ** 2).flatten(1).mean(1).double()
@@ -278,14 +295,28 @@ def build_suite(names: Sequence[str], settings: MetricSettings, *, family: str, 
             if need_reference:
                 suite.reference = reference_stats(settings, suite.extractor, family=family, device=device, progress=progress)
         attempt("fid", load_fid)
-    for name in ("clip", "clipiqa"):
-        if name in names:
-            def load_scorer(n: str = name) -> None:
-                from qsched.score import build_scorer
-
-                suite.scorers[n] = build_scorer(n, path=settings.clip_model, device=device)
-            attempt(name, load_scorer)
+    for name in filter(is_scorer_metric, names):
+        attempt(name, lambda n=name: suite.scorers.__setitem__(n, _build_metric_scorer(n, settings, device)))
     return suite
+
+
+def _build_metric_scorer(name: str, settings: MetricSettings, device: str) -> Callable[..., torch.Tensor]:
+    """Build scorer ``name`` with the options its factory takes: device, and its weights if given."""
+    from qsched.score import build_scorer, factory_options, weights_option
+
+    accepted = factory_options(name)
+    options: dict[str, Any] = {}
+    if accepted is None or "device" in accepted:
+        options["device"] = device
+    weights = settings.scorer_weights.get(name)
+    if weights is None and name in ("clip", "clipiqa"):
+        weights = settings.clip_model
+    if weights is not None:
+        option = weights_option(name)
+        if option is None:
+            raise QSchedError(f"scorer {name!r} takes no weights path (it has no path or checkpoint option)")
+        options[option] = weights
+    return build_scorer(name, **options)
 
 
 def summarize(name: str, values: Sequence[Any], *, reference: Any = None) -> MetricResult:

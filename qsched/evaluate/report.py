@@ -8,9 +8,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from qsched.evaluate.metrics import HIGHER_IS_BETTER, UNITS
+from qsched.evaluate.metrics import HIGHER_IS_BETTER, UNITS, is_scorer_metric
 
-_LABELS = {"fid": "FID", "clip": "CLIP score", "clipiqa": "CLIP-IQA", "mse": "MSE to fp", "size": "size"}
+_LABELS = {"fid": "FID", "clip": "CLIP score", "clipiqa": "CLIP-IQA", "mse": "MSE to fp", "size": "size",
+           "brisque": "-BRISQUE", "niqe": "-NIQE", "pickscore": "PickScore", "hpsv2": "HPSv2"}
 
 
 def relative_change(value: float | None, fp_value: float | None) -> float | None:
@@ -77,7 +78,7 @@ def plot_bars(path: Path, results: Mapping[str, Mapping[str, Mapping[str, Any]]]
     for ax, metric in zip(axes[0], metrics):
         values = [(results[n].get(metric) or {}) for n in names]
         heights = [v["value"] if v.get("status") == "ok" else 0.0 for v in values]
-        errors = [v.get("std") or 0.0 if v.get("status") == "ok" and metric in ("clip", "clipiqa") else 0.0 for v in values]
+        errors = [v.get("std") or 0.0 if v.get("status") == "ok" and is_scorer_metric(metric) else 0.0 for v in values]
         bars = ax.bar(range(len(names)), heights, yerr=errors, color=[colours(i % 10) for i in range(len(names))], capsize=2)
         for bar, v in zip(bars, values):
             if v.get("status") != "ok":

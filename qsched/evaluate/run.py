@@ -32,7 +32,15 @@ from qsched.evaluate.generation import (
     prompts_digest,
     write_manifest,
 )
-from qsched.evaluate.metrics import METRICS, MetricResult, MetricSettings, build_suite, denoiser_size, summarize
+from qsched.evaluate.metrics import (
+    DEFAULT_METRICS,
+    MetricResult,
+    MetricSettings,
+    build_suite,
+    denoiser_size,
+    known_metrics,
+    summarize,
+)
 from qsched.evaluate.parallel import Workers, current_workers
 from qsched.evaluate.report import plot_bars, plot_grid, relative_change, results_table, write_markdown
 from qsched.prepare import ModelOptions, PreparedPipeline, prepare_pipeline
@@ -49,7 +57,7 @@ class EvalSettings:
     prompts: tuple[str, ...]
     configs: tuple[EvalConfig, ...]
     out: str
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     seed: int = 0
     batch_size: int = 8
     options: ModelOptions = field(default_factory=ModelOptions)
@@ -67,9 +75,15 @@ class EvalSettings:
             raise QSchedError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if not any(c.is_fp for c in self.configs):
             raise QSchedError("the configurations must include 'fp' (changes and MSE are measured against it)")
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in known_metrics()]
         if unknown:
-            raise QSchedError(f"unknown metric(s) {', '.join(unknown)}; allowed: {', '.join(METRICS)}")
+            raise QSchedError(f"unknown metric(s) {', '.join(unknown)}; allowed: {', '.join(known_metrics())}")
+        unused = sorted(set(self.metric_settings.scorer_weights) - set(self.metrics))
+        if unused:
+            raise QSchedError(
+                f"weights are given for {', '.join(unused)}, which is not among the metrics "
+                f"({', '.join(self.metrics)}); add it to --metrics or drop its --scorer-weights"
+            )
 
 
 @dataclass(frozen=True)
@@ -241,7 +255,7 @@ def _metrics(settings: EvalSettings, suite: Any, workers: Workers, out: Path, pr
              fp_config: EvalConfig, sizes: dict[str, MetricResult]) -> dict[str, dict[str, dict[str, Any]]]:
     indices = workers.share(range(len(prompts)))
     fp_images = load_images(config_folder(out, fp_config), indices)
-    per_image_names = [m for m in settings.metrics if m in ("fid", "clip", "clipiqa", "mse")]
+    per_image_names = [m for m in settings.metrics if m != "size"]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for config in settings.configs:
         images = fp_images if config.is_fp else load_images(config_folder(out, config), indices)

@@ -31,7 +31,10 @@ import torch
 
 from qsched.errors import QSchedError
 
-__all__ = ["Scorer", "ScorerInfo", "build_scorer", "check_scores", "register_scorer", "scorer_info", "scorer_names"]
+__all__ = [
+    "Scorer", "ScorerInfo", "build_scorer", "check_scores", "factory_options", "register_scorer", "scorer_info",
+    "scorer_names", "weights_option",
+]
 
 
 class Scorer(Protocol):
@@ -109,18 +112,30 @@ def scorer_info(name: str) -> ScorerInfo:
 def build_scorer(name: str, **options: Any) -> Scorer:
     """Call the factory of ``name`` with ``options`` (loading its weights now)."""
     info = scorer_info(name)
-    try:
-        signature = inspect.signature(info.factory)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        allowed = [n for n, p in signature.parameters.items() if p.kind is not p.VAR_POSITIONAL]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise QSchedError(
-                f"scorer {name!r} has no option(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
-            )
+    allowed = factory_options(name)
+    unknown = [] if allowed is None else sorted(set(options) - set(allowed))
+    if unknown:
+        raise QSchedError(
+            f"scorer {name!r} has no option(s) {', '.join(unknown)}; allowed: {', '.join(allowed or ()) or 'none'}"
+        )
     return info.factory(**options)
+
+
+def factory_options(name: str) -> tuple[str, ...] | None:
+    """The options the factory of ``name`` accepts, or None if it takes any (``**options``)."""
+    try:
+        signature = inspect.signature(scorer_info(name).factory)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return tuple(n for n, p in signature.parameters.items() if p.kind is not p.VAR_POSITIONAL)
+
+
+def weights_option(name: str) -> str | None:
+    """The option of ``name``'s factory that takes its weights location (``path`` or ``checkpoint``), if any."""
+    accepted = factory_options(name) or ()
+    return next((option for option in ("path", "checkpoint") if option in accepted), None)
 
 
 def check_scores(name: str, scores: Any, count: int) -> torch.Tensor:
