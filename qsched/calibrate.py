@@ -160,7 +160,7 @@ def calibrate(
         backing = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         opened = open_study(backing, name=study, settings=settings, baseline=space.identity_params(), resume=resume)
     salt = () if opened.created else (len(opened.study.get_trials(deepcopy=False)), os.getpid())
-    opened.study.sampler = search.make_sampler(space, seed=worker_seed(search.seed, *salt))
+    opened.study.sampler = search.make_sampler(space, seed=worker_seed(search.proposal_seed, *salt))
 
     runner = _CandidateRunner(prepared, evaluator, prompt_list, seed=search.seed, batch_size=batch_size)
     with runner:

@@ -128,3 +128,14 @@ def test_text_encoder_cache_is_bit_identical(tiny_pipeline_path, family: str) ->
         second = sample(prepared, PROMPTS[:2], [0, 1], seed=5, output_type="pt")
     assert torch.equal(plain, first) and torch.equal(first, second)
     assert "forward" not in vars(prepared.pipe.text_encoder)  # restored
+
+
+def test_sampler_seed_changes_the_proposals_but_not_the_noise(tiny_pipeline_path, tmp_path):
+    runs = [
+        calibrate(tiny_pipeline_path("lcm"), recipe=parse_preset("w8a8"), out=tmp_path / f"s{s}", prompts=PROMPTS[:2],
+                  search=SearchSettings(strategy="random", trials=3, sampler_seed=s), jaq=JAQ_TEST, **TINY)
+        for s in (0, 1)
+    ]
+    assert runs[0].baseline.value == runs[1].baseline.value  # same noise: the uncorrected JAQ is identical
+    assert runs[0].candidates[1].params != runs[1].candidates[1].params  # other proposals
+    assert json.loads((tmp_path / "s1" / "card.json").read_text())["seed"] == 0

@@ -77,3 +77,14 @@ def test_oversized_grids_are_refused_with_the_count() -> None:
 def test_every_strategy_makes_a_sampler(strategy) -> None:
     settings = SearchSettings(strategy=strategy, trials=None if strategy == "grid" else 5)
     assert settings.make_sampler(settings.space_for(2), seed=0) is not None
+
+
+def test_sampler_seed_defaults_to_the_seed_and_has_one_spelling() -> None:
+    assert SearchSettings(seed=3).proposal_seed == 3
+    assert SearchSettings(seed=3, sampler_seed=7).proposal_seed == 7
+    assert SearchSettings(seed=3, sampler_seed=3) == SearchSettings(seed=3)  # the stored settings match on resume
+    assert "sampler_seed" not in SearchSettings(seed=3).to_dict()
+    assert SearchSettings(sampler_seed=7).to_dict()["sampler_seed"] == 7
+    with pytest.raises(QSchedError, match="sampler seed must be a non-negative integer, got -1"):
+        SearchSettings(sampler_seed=-1)
+

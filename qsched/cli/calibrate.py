@@ -41,6 +41,8 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     group.add_argument("--trials", type=positive_int, default=None, metavar="N",
                        help=f"candidates for tpe/cmaes/random, the baseline included (default: {DEFAULT_TRIALS})")
     group.add_argument("--seed", type=non_negative_int, default=0, help="noise and sampler seed (default: %(default)s)")
+    group.add_argument("--sampler-seed", type=non_negative_int, default=None, metavar="S",
+                       help="another seed for the sampler's proposals only, same noise (default: --seed)")
     group = parser.add_argument_group("objective (JAQ = T(alignment) + k * quality)")
     group.add_argument("--alignment", default="clip", help="alignment scorer (default: %(default)s)")
     group.add_argument("--quality", default="clipiqa", help="quality scorer (default: %(default)s)")
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     search = SearchSettings(
         strategy=args.search, space=args.space, low=args.bounds[0], high=args.bounds[1],
         trials=args.trials, grid_points=args.grid_points, seed=args.seed,
+        sampler_seed=args.sampler_seed,
     )
     jaq = JAQ(
         alignment=args.alignment, quality=args.quality, k=args.k, transform=args.transform, normalize=args.normalize,

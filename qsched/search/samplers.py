@@ -32,7 +32,13 @@ MAX_GRID = 10_000
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How to search: strategy, space and bounds, candidate budget, grid size, seed."""
+    """How to search: strategy, space and bounds, candidate budget, grid size, seeds.
+
+    ``seed`` fixes the calibration noise (image ``i`` gets ``(seed, i)``) and, unless
+    ``sampler_seed`` is given, the sampler's randomness too. ``sampler_seed`` repeats a
+    tpe/cmaes/random search with other proposals on the same noise, so its JAQ values
+    compare with another run's (equal to ``seed`` it is the same as None).
+    """
 
     strategy: str = "grid"
     space: str = "ramp"
@@ -41,6 +47,7 @@ class SearchSettings:
     trials: int | None = None
     grid_points: int = DEFAULT_GRID_POINTS
     seed: int = 0
+    sampler_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -59,8 +66,19 @@ class SearchSettings:
                 "--trials does not apply to the grid search: it runs grid_points ** parameters points "
                 "plus the baseline; choose the grid size with --grid-points, or use tpe/cmaes/random"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise QSchedError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("seed", "sampler_seed"):
+            value = getattr(self, name)
+            if value is None and name == "sampler_seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise QSchedError(f"{name.replace('_', ' ')} must be a non-negative integer, got {value!r}")
+        if self.sampler_seed == self.seed:
+            object.__setattr__(self, "sampler_seed", None)  # one spelling per search, for the settings check
+
+    @property
+    def proposal_seed(self) -> int:
+        """The seed of the sampler's proposals: ``sampler_seed``, else ``seed``."""
+        return self.seed if self.sampler_seed is None else self.sampler_seed
 
     def space_for(self, num_steps: int) -> SearchSpace:
         """The search space for a sampler of ``num_steps`` steps (checks the grid size)."""
@@ -107,7 +125,7 @@ class SearchSettings:
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "space": self.space, "low": self.low, "high": self.high,
                 "trials": self.trials, "grid_points": self.grid_points if self.strategy == "grid" else None,
-                "seed": self.seed}
+                "seed": self.seed, **({"sampler_seed": self.sampler_seed} if self.sampler_seed is not None else {})}
 
 
 def worker_seed(seed: int, *salt: int) -> int:
