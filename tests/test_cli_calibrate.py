@@ -157,7 +157,7 @@ def test_kill_9_then_resume_loses_no_finished_candidate_and_repeats_none(tiny_pi
             "--transform", "none", "--grid-points", "2"]
     worker = subprocess.Popen([sys.executable, str(script), *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "QSCHED_TEST_DELAY": "0.3"})  # the kill lands mid-candidate
+                              env={**os.environ, "QSCHED_TEST_DELAY": "1.0"})  # the kill lands mid-candidate, with seconds to spare under load
     deadline = time.monotonic() + 90
     while len(completed(url)) < 2 and worker.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
