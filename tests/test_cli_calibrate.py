@@ -137,10 +137,10 @@ def completed(url: str) -> dict[int, float]:
         return {}
     import sqlalchemy.exc
 
-    try:  # the worker may be creating the tables or holding the write lock
+    try:  # the worker may be creating the tables (and their version row) or holding the write lock
         study = optuna.load_study(study_name="qsched-calibrate", storage=url)
         return {t.number: t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"}
-    except (KeyError, sqlalchemy.exc.OperationalError):
+    except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
         return {}
 
 
