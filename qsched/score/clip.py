@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -105,6 +105,21 @@ def as_uint8(images: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
+def cached_text_features(
+    cache: dict[str, torch.Tensor], prompts: Sequence[str], encode: Callable[[list[str]], torch.Tensor]
+) -> torch.Tensor:
+    """L2-normalised text features [len(prompts), D]; ``encode`` runs once on the prompts not yet in ``cache``.
+
+    Calibration scores the same prompts for every candidate, so each is encoded once.
+    """
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        features = encode(missing).float()
+        features = features / features.norm(p=2, dim=-1, keepdim=True)
+        cache.update(zip(missing, features.cpu()))
+    return torch.stack([cache[p] for p in prompts])
+
+
 class ClipScore:
     """Per-image CLIP score ``100 * max(cos(image, prompt), 0)``; text features cached per prompt."""
 
@@ -118,17 +133,15 @@ class ClipScore:
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text features [len(prompts), D], computed once per distinct prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if missing:
-            processed = self.processor(text=missing, return_tensors="pt", padding=True)
-            limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
-            ids, mask = processed["input_ids"], processed["attention_mask"]
-            if limit is not None and ids.shape[-1] > limit:  # torchmetrics truncates the same way
-                ids, mask = ids[..., :limit], mask[..., :limit]
-            features = self.model.get_text_features(ids.to(self.device), mask.to(self.device))
-            features = features / features.norm(p=2, dim=-1, keepdim=True)
-            self._text.update(zip(missing, features.float().cpu()))
-        return torch.stack([self._text[p] for p in prompts])
+        return cached_text_features(self._text, prompts, self._encode_text)
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        processed = self.processor(text=prompts, return_tensors="pt", padding=True)
+        limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
+        ids, mask = processed["input_ids"], processed["attention_mask"]
+        if limit is not None and ids.shape[-1] > limit:  # torchmetrics truncates the same way
+            ids, mask = ids[..., :limit], mask[..., :limit]
+        return self.model.get_text_features(ids.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from qsched.errors import QSchedError
-from qsched.score.clip import ClipScore, as_uint8, load_clip
+from qsched.score.clip import ClipScore, as_uint8, cached_text_features, load_clip
 
 __all__ = ["HPSv2", "PickScore", "hpsv2_factory", "hps_pixels", "pickscore_factory"]
 
@@ -57,19 +57,10 @@ class PickScore(ClipScore):
         clip = getattr(model, "clip", model)
         self.scale = float(clip.logit_scale.detach().exp())
 
-    @torch.no_grad()
-    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text features [len(prompts), D], computed once per distinct prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if missing:
-            limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None) or 77
-            processed = self.processor(text=missing, return_tensors="pt", padding=True, truncation=True, max_length=limit)
-            features = self.model.get_text_features(
-                processed["input_ids"].to(self.device), processed["attention_mask"].to(self.device)
-            )
-            features = features / features.norm(p=2, dim=-1, keepdim=True)
-            self._text.update(zip(missing, features.float().cpu()))
-        return torch.stack([self._text[p] for p in prompts])
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None) or 77
+        processed = self.processor(text=prompts, return_tensors="pt", padding=True, truncation=True, max_length=limit)
+        return self.model.get_text_features(processed["input_ids"].to(self.device), processed["attention_mask"].to(self.device))
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         prompts = list(prompts)
@@ -155,12 +146,9 @@ class HPSv2:
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text features [len(prompts), D], computed once per distinct prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if missing:
-            features = self.model.encode_text(self.tokenizer(missing).to(self.device)).float()
-            features = features / features.norm(p=2, dim=-1, keepdim=True)
-            self._text.update(zip(missing, features.cpu()))
-        return torch.stack([self._text[p] for p in prompts])
+        return cached_text_features(
+            self._text, prompts, lambda missing: self.model.encode_text(self.tokenizer(missing).to(self.device))
+        )
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
