@@ -14,6 +14,7 @@ purpose (the control that shows whether a gain is specific to quantization).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class CalibrationResult:
     def failed(self) -> int:
         return sum(1 for c in self.candidates if c.state == "FAIL" and c.retried_as is None)
 
+    def on_boundary(self) -> list[str]:
+        """``name=value`` of each parameter of the best candidate that sits on a search bound."""
+        bounds = (self.space.low, self.space.high)
+        return [f"{name}={value:g}" for name, value in self.best.params.items()
+                if any(math.isclose(value, bound, rel_tol=1e-9, abs_tol=1e-12) for bound in bounds)]
+
     def summary(self) -> str:
         """The closing summary: baseline JAQ, best JAQ and coefficients, candidates, wall time."""
         base = "n/a" if self.baseline is None or self.baseline.value is None else f"{self.baseline.value:.4f}"
@@ -94,6 +101,9 @@ class CalibrationResult:
         ]
         if self.best.is_baseline:
             lines.insert(2, "note          no candidate beat the uncorrected sampler; the card holds all ones")
+        elif self.on_boundary():
+            lines.insert(2, f"note          the best point lies on the search boundary ({', '.join(self.on_boundary())}); "
+                            "a wider --bounds may find a better one")
         return "\n".join(lines)
 
 

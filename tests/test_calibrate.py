@@ -70,6 +70,9 @@ def test_card_holds_the_argmax_of_jaq_in_trials_csv(tiny_pipeline_path, tmp_path
     for name in ("landscape.png", "compare.png", "run.json", "study.db"):
         assert (out / name).stat().st_size > 0
     assert "baseline JAQ" in result.summary() and "10 evaluated, 0 failed" in result.summary()
+    at_bound = [f"{k}={v:g}" for k, v in result.best.params.items() if v in (0.8, 1.2)]
+    assert result.on_boundary() == at_bound
+    assert ("lies on the search boundary" in result.summary()) == bool(at_bound and not result.best.is_baseline)
 
 
 def test_only_the_quantized_model_ever_generates(tiny_pipeline_path, tmp_path: Path, monkeypatch) -> None:
