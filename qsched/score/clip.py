@@ -15,6 +15,7 @@ the score is their mean. Its text anchors are computed once, when it is built.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -136,7 +137,9 @@ class ClipScore:
         return cached_text_features(self._text, prompts, self._encode_text)
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
-        processed = self.processor(text=prompts, return_tensors="pt", padding=True)
+        with warnings.catch_warnings():  # truncation is ours, below (as torchmetrics does it)
+            warnings.filterwarnings("ignore", message="`max_length` is ignored when `padding`=`True`")
+            processed = self.processor(text=prompts, return_tensors="pt", padding=True)
         limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
         ids, mask = processed["input_ids"], processed["attention_mask"]
         if limit is not None and ids.shape[-1] > limit:  # torchmetrics truncates the same way
