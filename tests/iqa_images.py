@@ -61,3 +61,26 @@ def picture(spec: str) -> np.ndarray:
 def checksum(image: np.ndarray) -> int:
     """CRC-32 of the pixels: the golden tables record it, so a changed input is told from a changed score."""
     return zlib.crc32(np.ascontiguousarray(image).tobytes())
+
+
+def as_tensor(image: np.ndarray):
+    """uint8 [H, W, C] -> float [1, C, H, W] in [0, 1], what a scorer takes (torch imported here: the
+    reference script's venv has none)."""
+    import torch
+
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def negated_scores(scorer, golden: dict) -> dict[str, float]:
+    """The lower-is-better value (a ``brisque``/``niqe`` score negated back) of each golden picture.
+
+    ``golden`` maps a spec to (CRC-32 of the picture, reference value); a picture whose checksum
+    changed fails, since its reference value would no longer apply.
+    """
+    out = {}
+    for spec, (crc, _) in golden.items():
+        image = picture(spec)
+        assert checksum(image) == crc, f"{spec}: the test picture changed (scikit-image / scipy / numpy?)"
+        out[spec] = -float(scorer(as_tensor(image), [""])[0])
+    return out
+

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from iqa_images import checksum, picture
+from iqa_images import as_tensor, negated_scores, picture
 
 from qsched.errors import QSchedError
 from qsched.score import build_scorer, check_scores, scorer_info, scorer_names
@@ -38,10 +38,6 @@ GOLDEN = {
 TOLERANCE = 1e-6
 
 
-def as_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
-
-
 @pytest.fixture(scope="module")
 def scorer() -> B.Brisque:
     return build_scorer("brisque")
@@ -50,12 +46,7 @@ def scorer() -> B.Brisque:
 @pytest.fixture(scope="module")
 def scores(scorer: B.Brisque) -> dict[str, float]:
     """qsched's BRISQUE (the scorer's value negated back) of each golden picture."""
-    out = {}
-    for spec, (crc, _) in GOLDEN.items():
-        image = picture(spec)
-        assert checksum(image) == crc, f"{spec}: the test picture changed (scikit-image / scipy / numpy?)"
-        out[spec] = -float(scorer(as_tensor(image), [""])[0])
-    return out
+    return negated_scores(scorer, GOLDEN)
 
 
 def test_scores_equal_the_brisque_package(scores: dict[str, float]) -> None:

@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from iqa_images import checksum, picture
+from iqa_images import as_tensor, negated_scores, picture
 
 from qsched.errors import QSchedError
 from qsched.score import build_scorer, check_scores, scorer_info, scorer_names
@@ -37,10 +37,6 @@ GOLDEN = {
 RELATIVE_TOLERANCE = 2e-4
 
 
-def as_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
-
-
 @pytest.fixture(scope="module")
 def scorer() -> N.Niqe:
     return build_scorer("niqe")
@@ -49,12 +45,7 @@ def scorer() -> N.Niqe:
 @pytest.fixture(scope="module")
 def scores(scorer: N.Niqe) -> dict[str, float]:
     """qsched's NIQE (the scorer's value negated back) of each golden picture."""
-    out = {}
-    for spec, (crc, _) in GOLDEN.items():
-        image = picture(spec)
-        assert checksum(image) == crc, f"{spec}: the test picture changed (scikit-image / scipy / numpy?)"
-        out[spec] = -float(scorer(as_tensor(image), [""])[0])
-    return out
+    return negated_scores(scorer, GOLDEN)
 
 
 def test_scores_equal_scikit_video(scores: dict[str, float]) -> None:

@@ -121,6 +121,23 @@ def cached_text_features(
     return torch.stack([cache[p] for p in prompts])
 
 
+def batched_image_features(
+    images: torch.Tensor, batch_size: int, encode: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """L2-normalised features [N, D] of ``images``, ``encode``d ``batch_size`` at a time."""
+    out = [encode(images[i : i + batch_size]).float().cpu() for i in range(0, images.shape[0], batch_size)]
+    features = torch.cat(out)
+    return features / features.norm(p=2, dim=-1, keepdim=True)
+
+
+def paired_prompts(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+    """``prompts`` as a list, refused unless there is one per image."""
+    prompts = list(prompts)
+    if len(prompts) != images.shape[0]:
+        raise QSchedError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    return prompts
+
+
 class ClipScore:
     """Per-image CLIP score ``100 * max(cos(image, prompt), 0)``; text features cached per prompt."""
 
@@ -149,18 +166,14 @@ class ClipScore:
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features [N, D] of images in [0, 1]."""
-        x = as_uint8(images)
-        out = []
-        for i in range(0, x.shape[0], self.batch_size):
-            pixels = self.processor(images=list(x[i : i + self.batch_size]), return_tensors="pt")["pixel_values"]
-            out.append(self.model.get_image_features(pixels.to(self.device)).float().cpu())
-        features = torch.cat(out)
-        return features / features.norm(p=2, dim=-1, keepdim=True)
+        return batched_image_features(as_uint8(images), self.batch_size, self._encode_images)
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return self.model.get_image_features(pixels.to(self.device))
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise QSchedError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        prompts = paired_prompts(images, prompts)
         cosine = (self.image_features(images) * self.text_features(prompts)).sum(-1)
         return 100.0 * cosine.clamp(min=0.0)
 

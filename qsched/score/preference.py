@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from qsched.errors import QSchedError
-from qsched.score.clip import ClipScore, as_uint8, cached_text_features, load_clip
+from qsched.score.clip import (
+    ClipScore,
+    as_uint8,
+    batched_image_features,
+    cached_text_features,
+    load_clip,
+    paired_prompts,
+)
 
 __all__ = ["HPSv2", "PickScore", "hpsv2_factory", "hps_pixels", "pickscore_factory"]
 
@@ -63,9 +70,7 @@ class PickScore(ClipScore):
         return self.model.get_text_features(processed["input_ids"].to(self.device), processed["attention_mask"].to(self.device))
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise QSchedError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        prompts = paired_prompts(images, prompts)
         return self.scale * (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
@@ -153,17 +158,11 @@ class HPSv2:
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features [N, D] of images in [0, 1]."""
-        out = []
-        for i in range(0, images.shape[0], self.batch_size):
-            pixels = hps_pixels(images[i : i + self.batch_size], size=self.size, mean=self.mean, std=self.std)
-            out.append(self.model.encode_image(pixels.to(self.device)).float().cpu())
-        features = torch.cat(out)
-        return features / features.norm(p=2, dim=-1, keepdim=True)
+        return batched_image_features(images, self.batch_size, lambda chunk: self.model.encode_image(
+            hps_pixels(chunk, size=self.size, mean=self.mean, std=self.std).to(self.device)))
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise QSchedError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        prompts = paired_prompts(images, prompts)
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
