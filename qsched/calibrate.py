@@ -99,10 +99,11 @@ class CalibrationResult:
             f"wall time {self.wall_s:.1f} s",
             f"wrote         {', '.join(str(p) for p in self.files.values())}",
         ]
+        bound = self.on_boundary()
         if self.best.is_baseline:
             lines.insert(2, "note          no candidate beat the uncorrected sampler; the card holds all ones")
-        elif self.on_boundary():
-            lines.insert(2, f"note          the best point lies on the search boundary ({', '.join(self.on_boundary())}); "
+        elif bound:
+            lines.insert(2, f"note          the best point lies on the search boundary ({', '.join(bound)}); "
                             "a wider --bounds may find a better one")
         return "\n".join(lines)
 

@@ -533,9 +533,11 @@ def run_worker(
             view = StudyView.of(study)
             _update_bar(bar, view)
             waiting = bool(view.states("WAITING"))
-            if grid is not None and not waiting and view.next_grid_index() < len(grid):
-                _enqueue_grid(study, grid, view.next_grid_index())
-                continue
+            if grid is not None and not waiting:
+                start = view.next_grid_index()
+                if start < len(grid):
+                    _enqueue_grid(study, grid, start)
+                    continue
             if waiting or (grid is None and view.count() < budget):
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
