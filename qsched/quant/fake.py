@@ -198,14 +198,27 @@ class ActivationQuantizer:
         return f"ActivationQuantizer(bits={self.bits}, dim={self.dim})"
 
 
+def make_activation_quantizer(plan: LayerPlan) -> ActivationQuantizer | None:
+    """The input quantizer of a planned layer (None when its input stays in full precision).
+
+    The one place that turns a plan into activation quantization: the fake-quant hook
+    and the packed layers (:mod:`qsched.quant.packed_modules`) both call it, so the
+    two paths quantize inputs identically.
+    """
+    if plan.act_bits >= 16:
+        return None
+    dim = -1 if plan.layer_type == "Linear" else -3
+    return ActivationQuantizer(bits=plan.act_bits, dim=dim)
+
+
 def attach(plan: LayerPlan, *, scale: torch.Tensor | None, backend: str, act_hook: bool = True) -> None:
     """Mark a module as quantized, keep its weight scale, add the activation hook."""
     module = plan.module
     if scale is not None:
         module.register_buffer(SCALE_BUFFER, scale.to(module.weight.device), persistent=False)
-    if act_hook and plan.act_bits < 16:
-        dim = -1 if plan.layer_type == "Linear" else -3
-        module.register_forward_pre_hook(ActivationQuantizer(bits=plan.act_bits, dim=dim))
+    quantizer = make_activation_quantizer(plan) if act_hook else None
+    if quantizer is not None:
+        module.register_forward_pre_hook(quantizer)
     setattr(module, _MARKER, LayerQuantState(plan.weight_bits, plan.act_bits, plan.group_size, backend))
 
 
