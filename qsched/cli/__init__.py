@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qsched.cli import calibrate, evaluate, families, generate, quantize, tiny, train
+    from qsched.cli import calibrate, evaluate, families, generate, quantize, study, tiny, train
     from qsched.cli.options import positive_int
 
     parser = _Parser(prog="qsched", description=__doc__.splitlines()[0])
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (generate, calibrate, evaluate, quantize, train, families, tiny):
+    for module in (generate, calibrate, evaluate, quantize, train, families, tiny, study):
         module.add_parser(sub, parents=[common])
     return parser
 
