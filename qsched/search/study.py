@@ -44,6 +44,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from qsched.dburl import normalize_url
 from qsched.errors import QSchedError
 from qsched.search.space import SearchSpace
 
@@ -86,6 +87,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period:
             f"storage {url!r} is not a database URL; use e.g. sqlite:///path/study.db or "
             "postgresql://user@host/db"
         )
+    url = normalize_url(url)
     engine_kwargs: dict[str, Any] = {}
     sqlite = url.startswith("sqlite")
     if sqlite:
