@@ -27,6 +27,8 @@ from qsched.study.store import Vote, VoteStore
 ANNOTATOR_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: Longest response time stored (an annotator who left the tab open for an hour).
 MAX_RESPONSE_MS = 3_600_000
+#: A question shown and not answered counts as half-assigned this long (for balance).
+PENDING_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class StudyService:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._counts_at = -1e9
+        self._pending: dict[str, tuple[str, float]] = {}  # annotator -> (question shown, when)
 
     def identity(self) -> dict[str, Any]:
         """What the votes mean: a store is bound to this and refuses another study."""
@@ -113,9 +116,28 @@ class StudyService:
                 self._counts_at = time.monotonic()
             return self._counts
 
-    def _counted(self, question_id: str) -> None:
+    def _counted(self, annotator: str, question_id: str) -> None:
         with self._lock:
             self._counts = {**self._counts, question_id: self._counts.get(question_id, 0) + 1}
+            self._pending.pop(annotator, None)
+
+    def _with_pending(self, counts: dict[str, int], annotator: str) -> dict[str, int]:
+        """Votes plus questions shown to *other* annotators in the last ``PENDING_S`` and not yet
+        answered: annotators asking at the same moment then spread over questions."""
+        now = time.monotonic()
+        with self._lock:
+            self._pending = {a: (q, t) for a, (q, t) in self._pending.items() if now - t < PENDING_S}
+            shown = [q for a, (q, _) in self._pending.items() if a != annotator]
+        if not shown:
+            return counts
+        merged = dict(counts)
+        for question_id in shown:
+            merged[question_id] = merged.get(question_id, 0) + 1
+        return merged
+
+    def _shown(self, annotator: str, question_id: str) -> None:
+        with self._lock:
+            self._pending[annotator] = (question_id, time.monotonic())
 
     # --- the two operations --------------------------------------------------------------
 
@@ -132,9 +154,11 @@ class StudyService:
         annotator = self.check_annotator(annotator)
         answered = self.store.answered(annotator)
         progress = {"answered": min(len(answered), self.target()), "target": self.target()}
-        question = D.next_question(self.design, annotator=annotator, answered=answered, counts=self.counts())
+        counts = self._with_pending(self.counts(), annotator)
+        question = D.next_question(self.design, annotator=annotator, answered=answered, counts=counts)
         if question is None:
             return {"done": True, "progress": progress}
+        self._shown(annotator, question.id)
         left, right = D.sides(question, annotator, self.secret)
         return {"done": False, "progress": progress,
                 "question": {"id": question.id, "prompt": self.source.prompts[question.index],
@@ -165,7 +189,7 @@ class StudyService:
                     D.is_correct(question, chosen), int(min(response_ms, MAX_RESPONSE_MS)))
         stored, new = self.store.add(vote)
         if new:
-            self._counted(question.id)
+            self._counted(annotator, question.id)
         answered = len(self.store.answered(annotator))
         return {"ok": True, "duplicate": not new, "answer": stored.answer,
                 "progress": {"answered": min(answered, self.target()), "target": self.target()}}

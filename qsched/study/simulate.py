@@ -40,6 +40,7 @@ class StudyClient:
         self.host, self.port, self.prefix = parts.hostname, parts.port or 80, parts.path.rstrip("/")
         self.token, self.timeout, self.retries = token, timeout, retries
         self._conn: http.client.HTTPConnection | None = None
+        self.retried: list[str] = []
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         headers = {"X-Study-Token": self.token} if self.token else {}
@@ -54,8 +55,9 @@ class StudyClient:
                 self._conn.request(method, f"{self.prefix}/{path}", body=data, headers=headers)
                 response = self._conn.getresponse()
                 return response.status, response.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as err:
                 self.close()
+                self.retried.append(f"{method} {path}: {type(err).__name__}: {err}")
                 if attempt == self.retries:
                     raise
                 time.sleep(min(0.1 * 2 ** attempt, 2.0))
@@ -119,7 +121,7 @@ def _decode(png: bytes) -> np.ndarray:
 
 @dataclass
 class SimulationReport:
-    """What the simulated annotators did: votes acknowledged (new), repeats, timings."""
+    """What the simulated annotators did: votes acknowledged per annotator, repeats recognised, timings."""
 
     annotators: int
     acknowledged: dict[str, list[str]] = field(default_factory=dict)
@@ -143,51 +145,63 @@ def simulate(url: str, *, judge: Judge, needs_images: bool, votes: int, annotato
     if votes < 1 or annotators < 1:
         raise QSchedError(f"votes and annotators must be >= 1, got {votes} and {annotators}")
     report = SimulationReport(annotators)
-    lock = threading.Lock()
-    remaining = [votes]
+    lock = threading.Condition()
+    budget = {"remaining": votes, "held": 0}  # votes not yet taken; taken but not yet cast
     errors: list[BaseException] = []
     bar = tqdm(total=votes, desc="votes", unit="vote", disable=not progress)
 
     def take() -> bool:
+        """Claim one vote of the budget; waits while others hold claims they may hand back."""
         with lock:
-            if remaining[0] <= 0:
+            while budget["remaining"] == 0 and budget["held"] > 0:
+                lock.wait()
+            if budget["remaining"] == 0:
                 return False
-            remaining[0] -= 1
+            budget["remaining"] -= 1
+            budget["held"] += 1
             return True
+
+    def release(*, used: bool) -> None:
+        with lock:
+            budget["held"] -= 1
+            budget["remaining"] += 0 if used else 1
+            lock.notify_all()
 
     def annotator(name: str) -> None:
         client = StudyClient(url, token=token)
         mine: list[str] = []
         try:
             while take():
-                t0 = time.perf_counter()
-                data = client.json("GET", f"api/next?annotator={quote(name)}")
-                t1 = time.perf_counter()
-                if data["done"]:
+                used = False
+                try:
+                    t0 = time.perf_counter()
+                    data = client.json("GET", f"api/next?annotator={quote(name)}")
+                    t1 = time.perf_counter()
+                    if data["done"]:
+                        break
+                    question = data["question"]
+                    left = right = None
+                    if needs_images:
+                        left = _decode(client.request("GET", question["left"])[1])
+                        right = _decode(client.request("GET", question["right"])[1])
+                    answer = judge(question["prompt"], left, right)
+                    body = {"annotator": name, "question": question["id"], "answer": answer,
+                            "response_ms": int(1000 * (time.perf_counter() - t1))}
+                    t2 = time.perf_counter()
+                    # Only this thread votes as ``name``: a duplicate here means an earlier attempt of
+                    # this same request (retried after a dropped connection) was stored.
+                    client.json("POST", "api/vote", body)
+                    t3 = time.perf_counter()
+                    used = True
+                    repeats = [client.json("POST", "api/vote", body)] if resubmit else []
                     with lock:
-                        remaining[0] += 1
-                    break
-                question = data["question"]
-                left = right = None
-                if needs_images:
-                    left = _decode(client.request("GET", question["left"])[1])
-                    right = _decode(client.request("GET", question["right"])[1])
-                answer = judge(question["prompt"], left, right)
-                body = {"annotator": name, "question": question["id"], "answer": answer,
-                        "response_ms": int(1000 * (time.perf_counter() - t1))}
-                t2 = time.perf_counter()
-                result = client.json("POST", "api/vote", body)
-                t3 = time.perf_counter()
-                repeats = [client.json("POST", "api/vote", body)] if resubmit else []
-                with lock:
-                    report.next_latency_s.append(t1 - t0)
-                    report.vote_latency_s.append(t3 - t2)
-                    if result["duplicate"]:
-                        report.duplicates += 1
-                    else:
+                        report.next_latency_s.append(t1 - t0)
+                        report.vote_latency_s.append(t3 - t2)
                         mine.append(question["id"])
-                    report.duplicates += sum(r["duplicate"] for r in repeats)
-                bar.update(1)
+                        report.duplicates += sum(r["duplicate"] for r in repeats)
+                    bar.update(1)
+                finally:
+                    release(used=used)
         except BaseException as err:  # noqa: BLE001 - reported after all threads stop
             with lock:
                 errors.append(err)
