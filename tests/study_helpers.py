@@ -27,13 +27,18 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def start_server(eval_dir: Path, *args: str, port: int | None = None, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """``qsched study serve`` in a child process; returns it and its URL once it answers."""
+def spawn_server(eval_dir: Path, *args: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``qsched study serve`` in a child process (not waited for); returns it and its URL."""
     port = port or free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "qsched", "study", "serve", str(eval_dir), "--port", str(port), *args],
+    process = subprocess.Popen([sys.executable, "-m", "qsched", "--threads", "1", "study", "serve", str(eval_dir),
+                                "--port", str(port), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}/"
+    return process, f"http://127.0.0.1:{port}/"
+
+
+def wait_ready(process: subprocess.Popen, url: str, *, timeout: float = 90.0) -> None:
+    """Return once the server answers ``/healthz``; fail with its stderr if it exits first."""
     client = StudyClient(url, retries=0, timeout=5)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -42,11 +47,18 @@ def start_server(eval_dir: Path, *args: str, port: int | None = None, timeout: f
         try:
             if client.request("GET", "healthz")[0] == 200:
                 client.close()
-                return process, url
+                return
         except OSError:
             time.sleep(0.1)
     process.kill()
     raise RuntimeError("the study server did not answer within the timeout")
+
+
+def start_server(eval_dir: Path, *args: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``qsched study serve`` in a child process; returns it and its URL once it answers."""
+    process, url = spawn_server(eval_dir, *args, port=port)
+    wait_ready(process, url)
+    return process, url
 
 
 def stop(process: subprocess.Popen) -> None:

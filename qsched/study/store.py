@@ -139,9 +139,10 @@ class VoteStore:
                 from sqlalchemy.dialects.sqlite import insert
             else:
                 from sqlalchemy.dialects.postgresql import insert
-            statement = insert(self.votes).values(**row).on_conflict_do_nothing(index_elements=["annotator", "question"])
-            with self.engine.begin() as conn:
-                new = conn.execute(statement).rowcount == 1
+            statement = (insert(self.votes).values(**row)
+                         .on_conflict_do_nothing(index_elements=["annotator", "question"]).returning(self.votes.c.id))
+            with self.engine.begin() as conn:  # a row comes back only if this insert stored one
+                new = conn.execute(statement).first() is not None
         else:
             try:
                 with self.engine.begin() as conn:
