@@ -21,6 +21,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
+import numpy as np
+
 from qsched.errors import QSchedError
 
 ANSWERS: tuple[str, ...] = ("left", "right", "tie")
@@ -55,10 +57,34 @@ class StudyDesign:
     gold_every: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_id", {q.id: q for q in self.questions})
+        # Look-up tables for assignment (a study may hold thousands of questions; /api/next runs per question).
+        pair_number = {p: k for k, p in enumerate(self.pairs)}
+        tables = {
+            "_by_id": {q.id: q for q in self.questions},
+            "_position": {q.id: k for k, q in enumerate(self.questions)},
+            "_gold": np.array([q.gold for q in self.questions], dtype=bool),
+            "_pair": np.array([pair_number.get(q.pair, -1) for q in self.questions], dtype=np.int64),
+            "_prompt": np.array([q.index for q in self.questions], dtype=np.int64),
+            "_number": np.array([q.number for q in self.questions], dtype=np.uint64),
+        }
+        for name, value in tables.items():
+            object.__setattr__(self, name, value)
 
     def question(self, question_id: str) -> Question | None:
         return self._by_id.get(question_id)  # type: ignore[attr-defined]
+
+    def position(self, question_id: str) -> int | None:
+        """Where ``question_id`` stands in :attr:`questions` (the index of its vote count)."""
+        return self._position.get(question_id)  # type: ignore[attr-defined]
+
+    def count_vector(self, counts: Mapping[str, int]) -> np.ndarray:
+        """Votes per question as a vector aligned with :attr:`questions`."""
+        vector = np.zeros(len(self.questions), dtype=np.int64)
+        for question_id, n in counts.items():
+            k = self.position(question_id)
+            if k is not None:
+                vector[k] = n
+        return vector
 
     @property
     def comparisons(self) -> tuple[Question, ...]:
@@ -114,9 +140,11 @@ def annotator_seed(annotator: str) -> int:
     return zlib.crc32(annotator.encode("utf-8"))
 
 
-def _private_order(seed: int, number: int) -> int:
-    """A cheap per-annotator shuffle of question numbers (a multiplicative hash)."""
-    return ((number + 1) * 0x9E3779B1 ^ seed) * 0x85EBCA6B & 0xFFFFFFFF
+def private_order(seed: int, numbers: np.ndarray) -> np.ndarray:
+    """A cheap per-annotator shuffle of question numbers (a multiplicative hash, 32 bits)."""
+    with np.errstate(over="ignore"):
+        mixed = ((numbers + np.uint64(1)) * np.uint64(0x9E3779B1)) & np.uint64(0xFFFFFFFF)
+        return ((mixed ^ np.uint64(seed)) * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
 
 
 def swapped(annotator: str, question_id: str, secret: str) -> bool:
@@ -139,32 +167,48 @@ def is_gold_turn(position: int, gold_every: int) -> bool:
     return position % gold_every == gold_every // 2
 
 
+def _first_by(keys: Sequence[np.ndarray], candidates: np.ndarray) -> int:
+    """The candidate index with the smallest keys, compared in order (a lexicographic argmin)."""
+    for key in keys:
+        values = key[candidates]
+        candidates = candidates[values == values.min()]
+        if len(candidates) == 1:
+            break
+    return int(candidates[0])
+
+
 def next_question(design: StudyDesign, *, annotator: str, answered: Collection[str],
-                  counts: Mapping[str, int]) -> Question | None:
+                  counts: Mapping[str, int] | np.ndarray) -> Question | None:
     """The question to show ``annotator`` next, or ``None`` when their share is done.
 
-    ``answered``: ids this annotator has answered; ``counts``: votes per question id so far
-    (all annotators; may lag a little behind when several processes serve a study).
+    ``answered``: ids this annotator has answered; ``counts``: votes per question so far (all
+    annotators; a mapping by id or a vector aligned with ``design.questions``; it may lag a
+    little behind when several processes serve a study).
     """
     position = len(answered)
     if position >= design.per_annotator:
         return None
-    seed = annotator_seed(annotator)
+    votes = counts if isinstance(counts, np.ndarray) else design.count_vector(counts)
+    is_open = np.ones(len(design.questions), dtype=bool)
+    for question_id in answered:
+        k = design.position(question_id)
+        if k is not None:
+            is_open[k] = False
+    gold = design._gold  # type: ignore[attr-defined]
+    order = private_order(annotator_seed(annotator), design._number)  # type: ignore[attr-defined]
     if is_gold_turn(position, design.gold_every):
-        open_gold = [q for q in design.golds if q.id not in answered]
-        if open_gold:
-            return min(open_gold, key=lambda q: (counts.get(q.id, 0), _private_order(seed, q.number)))
-    pair_votes: dict[tuple[str, str], int] = {}
-    prompt_votes: dict[int, int] = {}
-    for q in design.comparisons:
-        n = counts.get(q.id, 0)
-        pair_votes[q.pair] = pair_votes.get(q.pair, 0) + n
-        prompt_votes[q.index] = prompt_votes.get(q.index, 0) + n
-    open_ = [q for q in design.comparisons if q.id not in answered]
-    if not open_:
+        open_gold = np.flatnonzero(is_open & gold)
+        if len(open_gold):
+            return design.questions[_first_by([votes, order], open_gold)]
+    open_comparisons = np.flatnonzero(is_open & ~gold)
+    if not len(open_comparisons):
         return None
-    return min(open_, key=lambda q: (counts.get(q.id, 0), pair_votes[q.pair], prompt_votes[q.index],
-                                     _private_order(seed, q.number)))
+    comparison = ~gold
+    pair, prompt = design._pair, design._prompt  # type: ignore[attr-defined]
+    pair_votes = np.bincount(pair[comparison], weights=votes[comparison], minlength=len(design.pairs))
+    prompt_votes = np.bincount(prompt[comparison], weights=votes[comparison], minlength=int(prompt.max()) + 1)
+    keys = [votes, pair_votes[np.maximum(pair, 0)], prompt_votes[prompt], order]
+    return design.questions[_first_by(keys, open_comparisons)]
 
 
 def is_correct(question: Question, winner_config: str | None) -> bool | None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qsched.errors import QSchedError
 from qsched.study import design as D
 from qsched.study.gold import ensure_defect
@@ -82,9 +84,9 @@ class StudyService:
             ensure_defect(self.source.image(question.a, question.index).path, defect, seed=question.index)
             self._add_image(f"{D.DEFECT}:{question.id}", question.index, defect)
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._counts = np.zeros(len(self.design.questions), dtype=np.int64)
         self._counts_at = -1e9
-        self._pending: dict[str, tuple[str, float]] = {}  # annotator -> (question shown, when)
+        self._pending: dict[str, tuple[int, float]] = {}  # annotator -> (position of the question shown, when)
 
     def identity(self) -> dict[str, Any]:
         """What the votes mean: a store is bound to this and refuses another study."""
@@ -108,36 +110,34 @@ class StudyService:
 
     # --- counts (for balanced assignment) ------------------------------------------------
 
-    def counts(self) -> dict[str, int]:
-        """Votes per question; re-read from the store every ``counts_refresh_s`` (other processes vote too)."""
-        with self._lock:
-            if time.monotonic() - self._counts_at > self.settings.counts_refresh_s:
-                self._counts = self.store.counts()
-                self._counts_at = time.monotonic()
-            return self._counts
-
-    def _counted(self, annotator: str, question_id: str) -> None:
-        with self._lock:
-            self._counts = {**self._counts, question_id: self._counts.get(question_id, 0) + 1}
-            self._pending.pop(annotator, None)
-
-    def _with_pending(self, counts: dict[str, int], annotator: str) -> dict[str, int]:
-        """Votes plus questions shown to *other* annotators in the last ``PENDING_S`` and not yet
-        answered: annotators asking at the same moment then spread over questions."""
+    def counts(self, annotator: str) -> np.ndarray:
+        """Votes per question (aligned with ``design.questions``) plus the questions shown to *other*
+        annotators in the last ``PENDING_S`` s and not answered yet, so annotators asking at the same
+        moment spread over questions. Votes are re-read from the store every ``counts_refresh_s``
+        (other processes vote too) and counted here in between."""
+        fresh = None
+        if time.monotonic() - self._counts_at > self.settings.counts_refresh_s:
+            fresh = self.design.count_vector(self.store.counts())
         now = time.monotonic()
         with self._lock:
-            self._pending = {a: (q, t) for a, (q, t) in self._pending.items() if now - t < PENDING_S}
-            shown = [q for a, (q, _) in self._pending.items() if a != annotator]
-        if not shown:
-            return counts
-        merged = dict(counts)
-        for question_id in shown:
-            merged[question_id] = merged.get(question_id, 0) + 1
-        return merged
+            if fresh is not None:
+                self._counts, self._counts_at = fresh, now
+            self._pending = {a: (k, t) for a, (k, t) in self._pending.items() if now - t < PENDING_S}
+            counts = self._counts.copy()
+            for other, (k, _) in self._pending.items():
+                if other != annotator:
+                    counts[k] += 1
+        return counts
+
+    def _counted(self, annotator: str, question_id: str) -> None:
+        k = self.design.position(question_id)
+        with self._lock:
+            self._counts[k] += 1
+            self._pending.pop(annotator, None)
 
     def _shown(self, annotator: str, question_id: str) -> None:
         with self._lock:
-            self._pending[annotator] = (question_id, time.monotonic())
+            self._pending[annotator] = (self.design.position(question_id), time.monotonic())
 
     # --- the two operations --------------------------------------------------------------
 
@@ -154,8 +154,7 @@ class StudyService:
         annotator = self.check_annotator(annotator)
         answered = self.store.answered(annotator)
         progress = {"answered": min(len(answered), self.target()), "target": self.target()}
-        counts = self._with_pending(self.counts(), annotator)
-        question = D.next_question(self.design, annotator=annotator, answered=answered, counts=counts)
+        question = D.next_question(self.design, annotator=annotator, answered=answered, counts=self.counts(annotator))
         if question is None:
             return {"done": True, "progress": progress}
         self._shown(annotator, question.id)
@@ -190,6 +189,4 @@ class StudyService:
         stored, new = self.store.add(vote)
         if new:
             self._counted(annotator, question.id)
-        answered = len(self.store.answered(annotator))
-        return {"ok": True, "duplicate": not new, "answer": stored.answer,
-                "progress": {"answered": min(answered, self.target()), "target": self.target()}}
+        return {"ok": True, "duplicate": not new, "answer": stored.answer}

@@ -91,9 +91,11 @@ class VoteStore:
             if self._sqlite:
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             metadata.create_all(self.engine, checkfirst=True)
+            self._prepare()
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as err:
             if isinstance(err, sa.exc.IntegrityError) or "already exists" in str(err):
                 metadata.create_all(self.engine, checkfirst=True)  # another process created the tables first
+                self._prepare()
             else:
                 raise QSchedError(f"cannot open storage {_redact(url)}: {str(err).splitlines()[0]}") from None
 
@@ -127,29 +129,34 @@ class VoteStore:
 
     # --- votes --------------------------------------------------------------------------
 
-    def add(self, vote: Vote) -> tuple[Vote, bool]:
-        """Store ``vote`` unless this annotator answered the question already; returns (stored vote, was new)."""
+    def _prepare(self) -> None:
+        """Build the hot statements once: compiling a statement per call cost more than running it."""
         sa = self._sa
-        row = {"annotator": vote.annotator, "question": vote.question, "prompt_index": vote.index,
-               "left_config": vote.left, "right_config": vote.right, "answer": vote.answer, "winner": vote.winner,
-               "gold": vote.gold, "correct": vote.correct, "response_ms": vote.response_ms, "created": time.time()}
+        c = self.votes.c
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
             if dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert
             else:
                 from sqlalchemy.dialects.postgresql import insert
-            statement = (insert(self.votes).values(**row)
-                         .on_conflict_do_nothing(index_elements=["annotator", "question"]).returning(self.votes.c.id))
-            with self.engine.begin() as conn:  # a row comes back only if this insert stored one
-                new = conn.execute(statement).first() is not None
-        else:
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(self.votes.insert().values(**row))
-                new = True
-            except sa.exc.IntegrityError:
-                new = False
+            self._insert = (insert(self.votes).on_conflict_do_nothing(index_elements=["annotator", "question"])
+                            .returning(c.id))
+        else:  # other databases: a plain insert; the unique constraint raises on a repeat
+            self._insert = self.votes.insert()
+        self._answered = sa.select(c.question).where(c.annotator == sa.bindparam("who"))
+
+    def add(self, vote: Vote) -> tuple[Vote, bool]:
+        """Store ``vote`` unless this annotator answered the question already; returns (stored vote, was new)."""
+        sa = self._sa
+        row = {"annotator": vote.annotator, "question": vote.question, "prompt_index": vote.index,
+               "left_config": vote.left, "right_config": vote.right, "answer": vote.answer, "winner": vote.winner,
+               "gold": vote.gold, "correct": vote.correct, "response_ms": vote.response_ms, "created": time.time()}
+        try:
+            with self.engine.begin() as conn:  # with ON CONFLICT, a row comes back only if this insert stored one
+                result = conn.execute(self._insert, row)
+                new = result.first() is not None if result.returns_rows else True
+        except sa.exc.IntegrityError:
+            new = False
         if new:
             return Vote(**{**vote.to_dict(), "created": row["created"]}), True
         stored = self.votes_where(self.votes.c.annotator == vote.annotator, self.votes.c.question == vote.question)
@@ -157,9 +164,8 @@ class VoteStore:
 
     def answered(self, annotator: str) -> set[str]:
         """Question ids ``annotator`` has answered."""
-        sa = self._sa
         with self.engine.connect() as conn:
-            return set(conn.execute(sa.select(self.votes.c.question).where(self.votes.c.annotator == annotator)).scalars())
+            return set(conn.execute(self._answered, {"who": annotator}).scalars())
 
     def counts(self) -> dict[str, int]:
         """Votes per question id, all annotators."""
