@@ -9,8 +9,9 @@ as the server answers. Reports acknowledged votes per second and the p50/p95 lat
 again for a single annotator on an idle server; and the server process's CPU time per
 vote (so a number taken on a busy machine can be told from the server's own cost). Targets: >= 200 votes/s, p95 <= 50 ms.
 
-    python benchmarks/bench_study.py [--configs 7] [--prompts 300] [--annotators 16] [--votes 4000]
+    python benchmarks/bench_study.py [--configs 7] [--prompts 300] [--annotators 8] [--votes 4000]
     python benchmarks/bench_study.py --storage postgresql://user@host/db   # the same against PostgreSQL
+    python benchmarks/bench_study.py --postgres     # against a throw-away local server (tests/pg_server.py)
 """
 
 from __future__ import annotations
@@ -62,11 +63,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=7)
     parser.add_argument("--prompts", type=int, default=300)
-    parser.add_argument("--annotators", type=int, default=16)
+    parser.add_argument("--annotators", type=int, default=8)
     parser.add_argument("--votes", type=int, default=4000)
     parser.add_argument("--storage", default=None)
+    parser.add_argument("--postgres", action="store_true", help="start a throw-away PostgreSQL server for --storage")
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args()
+    if args.postgres:
+        sys.path.insert(0, str(REPO / "tests"))
+        from pg_server import create_database, postgres_server
+
+        with postgres_server() as url:
+            args.storage, args.postgres = create_database(url, "bench"), False
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-study-"))
     configs = ["fp"] + [f"c{k}" for k in range(1, args.configs)]
     eval_dir = write_synthetic_evaluation(root / "eval", configs=configs, num=args.prompts, size=32)

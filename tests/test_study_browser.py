@@ -36,6 +36,7 @@ def test_a_dozen_questions_by_click_and_key_all_land(browser, tmp_path: Path) ->
         page.get_by_label("Your name or annotator id").fill("Ada Lovelace")
         page.get_by_role("button", name="Start").click()
         expect(page.locator("#progress-text")).to_have_text("0 / 12")
+        expect(page.get_by_label("Your name or annotator id")).to_be_hidden()
         assert "a=Ada-Lovelace" in page.url  # the link to come back with
         expect(page.get_by_role("button", name="left image is better")).to_be_enabled()
         # a phone: both images side by side within the screen, buttons big enough to tap
@@ -58,6 +59,7 @@ def test_a_dozen_questions_by_click_and_key_all_land(browser, tmp_path: Path) ->
             if k < len(actions) - 1:
                 expect(page.locator("#progress-text")).to_have_text(f"{k + 1} / 12")
         expect(page.get_by_text("You have answered all your questions.")).to_be_visible()
+        expect(page.get_by_role("button", name="left image is better")).to_be_hidden()
         expect(page.locator("#progress-text")).to_have_text("12 / 12")
         votes = service.store.all_votes()
         assert [v.answer for v in votes] == ["left", "right", "tie", "left", "right", "tie"] * 2
