@@ -1,4 +1,4 @@
-"""Database URLs shared by the search storage (optuna) and the study's vote store.
+"""Database URLs shared by the search storage (optuna) and the study's vote store: drivers, redaction.
 
 ``postgresql://`` means SQLAlchemy's default PostgreSQL driver, psycopg2. qsched's
 dependency is psycopg 3 (``postgresql+psycopg://``); a bare ``postgresql://`` URL is
@@ -17,3 +17,13 @@ def normalize_url(url: str) -> str:
                 and importlib.util.find_spec("psycopg") is not None:
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+def redact(url: str) -> str:
+    """``url`` with any password hidden (for cards, logs and errors)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+        return url

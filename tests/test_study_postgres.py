@@ -58,13 +58,18 @@ def test_two_server_processes_share_one_study(server_url, tmp_path) -> None:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-        # an annotator moving between the two processes: same sides, no question twice, a repeat is a duplicate
+        # an annotator moving between the two processes: same images and sides, a repeat is a duplicate,
+        # no question twice
         a, b = StudyClient(servers[0][1]), StudyClient(servers[1][1])
-        question = a.json("GET", "api/next?annotator=roamer")["question"]
-        assert b.json("GET", "api/next?annotator=roamer")["question"] == question
-        assert a.json("POST", "api/vote", {"annotator": "roamer", "question": question["id"], "answer": "left"})["duplicate"] is False
-        assert b.json("POST", "api/vote", {"annotator": "roamer", "question": question["id"], "answer": "left"})["duplicate"] is True
-        assert b.json("GET", "api/next?annotator=roamer")["question"]["id"] != question["id"]
+        question = a.json("GET", "api/next?annotator=roamer")["question"]  # position 0: a comparison, not gold
+        assert b.json("POST", "api/vote", {"annotator": "roamer", "question": question["id"], "answer": "left"})["duplicate"] is False
+        assert a.json("POST", "api/vote", {"annotator": "roamer", "question": question["id"], "answer": "right"})["duplicate"] is True
+        (vote,) = [v for v in VoteStore(url).all_votes() if v.annotator == "roamer"]
+        shown_left = b.request("GET", question["left"])  # image tokens are the same in every process
+        assert shown_left[0] == 200 and shown_left[1] == (eval_dir / "images" / vote.left / f"{vote.index:05d}.png").read_bytes()
+        assert vote.answer == "left" and vote.winner == vote.left
+        for client in (a, b):
+            assert client.json("GET", "api/next?annotator=roamer")["question"]["id"] != question["id"]
         a.close()
         b.close()
     finally:
@@ -83,17 +88,34 @@ def test_calibrate_with_two_workers_on_postgres_evaluates_every_candidate_once(s
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a shoe\na red bag\na coat\n")
     script = tmp_path / "worker.py"
+    # A scorer that waits (once) until both workers are scoring: each then evaluates candidates,
+    # however far apart the two processes start.
     script.write_text(TEST_SCORERS + textwrap.dedent('''
-        import sys
+        import os, sys, time
+        from pathlib import Path
+        from qsched.score import register_scorer
+        def _meeting(**_):
+            barrier, met = Path(os.environ["QSCHED_TEST_BARRIER"]), []
+            def score(images, prompts):
+                if not met:
+                    (barrier / str(os.getpid())).touch()
+                    deadline = time.monotonic() + 120
+                    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    met.append(True)
+                return images.mean((1, 2, 3))
+            return score
+        register_scorer("test-meeting", _meeting, kind="alignment", replace=True)
         from qsched.cli import main
         sys.exit(main(sys.argv[1:]))
     '''))
+    (tmp_path / "barrier").mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "QSCHED_TEST_DELAY": "0.5"}  # candidates slow enough for both workers to take part
+           "QSCHED_TEST_BARRIER": str(tmp_path / "barrier")}
     workers = []
     for k in range(2):
         args = ["--threads", "1", *base_args(tiny_pipeline_path("lcm"), prompts, tmp_path / f"out{k}"),
-                "--alignment", "test-mean", "--quality", "test-std", "--transform", "none", "--grid-points", "2",
+                "--alignment", "test-meeting", "--quality", "test-std", "--transform", "none", "--grid-points", "2",
                 "--storage", storage, "--resume"]
         workers.append(subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env=env))

@@ -44,7 +44,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from qsched.dburl import normalize_url
+from qsched.dburl import normalize_url, redact
 from qsched.errors import QSchedError
 from qsched.search.space import SearchSpace
 
@@ -65,16 +65,6 @@ MAX_RETRIES = 3
 
 
 # --- storage --------------------------------------------------------------------------
-
-
-def redact(url: str) -> str:
-    """``url`` with any password hidden (for cards, logs and errors)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
-        return url
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = 10, grace_period: int | None = 60) -> Any:

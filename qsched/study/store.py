@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from qsched.dburl import normalize_url
+from qsched.dburl import normalize_url, redact
 from qsched.errors import QSchedError
 
 FORMAT = 1
@@ -44,15 +44,6 @@ class Vote:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _redact(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
-        return url
 
 
 class VoteStore:
@@ -97,7 +88,7 @@ class VoteStore:
                 metadata.create_all(self.engine, checkfirst=True)  # another process created the tables first
                 self._prepare()
             else:
-                raise QSchedError(f"cannot open storage {_redact(url)}: {str(err).splitlines()[0]}") from None
+                raise QSchedError(f"cannot open storage {redact(url)}: {str(err).splitlines()[0]}") from None
 
     # --- identity ---------------------------------------------------------------------
 
@@ -117,7 +108,7 @@ class VoteStore:
         if stored["identity"] != wanted["identity"] or stored["format"] != wanted["format"]:
             old = json.loads(stored["identity"])
             differs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-            raise QSchedError(f"storage {_redact(self.url)} holds another study (differs in: {', '.join(differs)}); "
+            raise QSchedError(f"storage {redact(self.url)} holds another study (differs in: {', '.join(differs)}); "
                               "use another --storage for this evaluation or these pairs")
         return stored["secret"]
 
