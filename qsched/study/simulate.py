@@ -41,7 +41,6 @@ class StudyClient:
         self.host, self.port, self.prefix = parts.hostname, parts.port or 80, parts.path.rstrip("/")
         self.token, self.timeout, self.retries = token, timeout, retries
         self._conn: http.client.HTTPConnection | None = None
-        self.retried: list[str] = []
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         headers = {"X-Study-Token": self.token} if self.token else {}
@@ -60,9 +59,8 @@ class StudyClient:
                 self._conn.request(method, f"{self.prefix}/{path}", body=data, headers=headers)
                 response = self._conn.getresponse()
                 return response.status, response.read()
-            except (OSError, http.client.HTTPException) as err:
+            except (OSError, http.client.HTTPException):
                 self.close()
-                self.retried.append(f"{method} {path}: {type(err).__name__}: {err}")
                 if attempt == self.retries:
                     raise
                 time.sleep(min(0.1 * 2 ** attempt, 2.0))
