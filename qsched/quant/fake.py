@@ -31,7 +31,7 @@ from qsched.quant.report import (
 SCALE_BUFFER = "qsched_weight_scale"
 _MARKER = "_qsched_quant"
 RECIPE_ATTR = "_qsched_recipe"  # the recipe, kept on the root module passed to quantize()
-BACKENDS: tuple[str, ...] = ("fake", "torchao", "quanto")
+BACKENDS: tuple[str, ...] = ("packed", "fake", "torchao", "quanto")
 
 
 @dataclass(frozen=True)
@@ -252,9 +252,11 @@ def build_report(
 def quantize(model: nn.Module, recipe: QuantRecipe, *, backend: str = "fake") -> QuantReport:
     """Quantize ``model`` in place according to ``recipe`` and report what was done.
 
-    ``backend="fake"`` (default) is the reference fake quantization; ``"torchao"``
-    and ``"quanto"`` use real kernels where they support the recipe (see
-    :mod:`qsched.quant.backends`). A model that is already quantized is refused;
+    ``backend="fake"`` (default) is the reference fake quantization (float weights on
+    the integer grid); ``"packed"`` replaces the quantized layers by packed layers that
+    hold only int4/int8 codes and scales and compute the same outputs (see
+    :mod:`qsched.quant.packed_modules`); ``"torchao"`` and ``"quanto"`` use real
+    kernels where they support the recipe (see :mod:`qsched.quant.backends`). A model that is already quantized is refused;
     nothing is changed when an error is raised.
     """
     if not isinstance(recipe, QuantRecipe):
@@ -264,6 +266,10 @@ def quantize(model: nn.Module, recipe: QuantRecipe, *, backend: str = "fake") ->
         )
     if backend not in BACKENDS:
         raise QSchedError(f"unknown quantization backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "packed":
+        from qsched.quant.stream import pack_model
+
+        return pack_model(model, recipe)
     refuse_quantized(model)
     plans, unmatched = plan_layers(model, recipe)
     if backend == "fake":
