@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
-from qsched.cli.options import DEFAULT_MODEL, model_options, non_negative_int, positive_int
+from qsched.cli.options import DEFAULT_MODEL, add_backend_options, model_options, non_negative_int, positive_int
 
 BUILTIN_EVALUATION_PROMPTS = "qsched/builtin/evaluation_prompts.txt"
 
@@ -59,7 +59,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--backend", default="fake", help="quantization backend (default: fake)")
+    add_backend_options(parser)
     parser.add_argument("--num-processes", type=positive_int, default=1,
                         help="split generation and features across P processes (started with torch.distributed.run)")
     parser.add_argument("--keep-going", action="store_true", help="record a metric that cannot load as failed and go on")
