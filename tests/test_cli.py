@@ -140,3 +140,37 @@ def test_train_forwards_to_the_stage(tmp_path, capsys):
     assert code == 0, err
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert run(capsys, "train", "bogus")[0] == 2
+
+
+def test_bad_checkpoints_and_packed_files_exit_2_and_write_nothing(tiny_pipeline_path, tmp_path, capsys):
+    import shutil
+
+    lcm = tiny_pipeline_path("lcm")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(lcm, truncated)
+    weights = next((truncated / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-64])
+    other = tmp_path / "sdxl-w4a8.safetensors"
+    assert run(capsys, "quantize", "--model", str(tiny_pipeline_path("sdxl-turbo")), "--quant", "w4a8",
+               "--out", str(other))[0] == 0
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    gen = ["generate", "a shoe", "--out", str(out), "--no-progress"]
+    cases = [
+        ([*gen, "--model", str(truncated), "--quant", "w4a8"], "truncated"),
+        (["quantize", "--model", str(truncated), "--quant", "w4a8", "--out", str(out / "x.safetensors")], "truncated"),
+        ([*gen, "--model", str(lcm), "--packed", str(other)], "was made from another model configuration"),
+        ([*gen, "--model", str(lcm), "--packed", str(next((lcm / "unet").glob("*.safetensors")))],
+         "is not a qsched packed checkpoint"),
+        (["quantize", "--model", str(lcm), "--quant", "w4a8", "--out", str(blocker / "x.safetensors")],
+         "cannot write the packed checkpoint"),
+        ([*gen, "--model", str(lcm), "--quant", "w4a8", "--quantize-modules", "denoiser,nope"], "no component 'nope'"),
+        ([*gen, "--model", str(lcm), "--quant", "w4a8", "--quantize-modules", "vae,vae"], "names a component twice"),
+        ([*gen, "--model", str(lcm), "--backend", "int3"], "invalid choice: 'int3'"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "sdxl-w4a8.safetensors", "truncated"]
