@@ -164,3 +164,16 @@ def test_builtin_images_of_packed_execution_equal_fake_quantization(preset: str)
                                     sample(prepared, ["a pair of sandals", "a photo of a dress"], [0, 1], seed=0)])
     assert np.abs(images["packed"] - images["fake"]).max() <= 1 / 255
     assert np.array_equal(images["packed"], images["fake"])
+
+
+def test_a_model_that_cannot_fit_is_refused_before_reading(tiny_pipeline_path: Callable[[str], Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import qsched.quant.stream as stream
+
+    assert stream.available_memory(torch.device("cpu")) > 0
+    read = []
+    monkeypatch.setattr(stream, "iter_tensors", lambda files: read.append(files) or iter(()))
+    monkeypatch.setattr(stream, "available_memory", lambda device: 1000)
+    with pytest.raises(QSchedError, match=r"needs about 0\.\d GB on cpu .* only 0\.0 GB are available"):
+        load_quantized(component_source(tiny_pipeline_path("lcm"), "unet"), parse_preset("w4a8"))
+    assert not read

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,6 +224,34 @@ class _Filler:
             )
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (Linux MemAvailable / CUDA free), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_fits(model: nn.Module, largest: int, device: torch.device, where: str) -> None:
+    """Refuse, before reading any weight, a model that cannot fit: the OOM killer gives no error message."""
+    need = sum(t.numel() * t.element_size() for t in model.state_dict(keep_vars=True).values()) + largest
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise QSchedError(
+            f"loading {where} needs about {need / 1e9:.1f} GB on {device} (the quantized model plus its "
+            f"largest tensor) but only {free / 1e9:.1f} GB are available; use fewer bits, free memory, "
+            "or another device"
+        )
+
+
 @contextlib.contextmanager
 def _readable_errors(where: str) -> Iterator[None]:
     try:
@@ -261,13 +290,16 @@ def load_quantized(
             _install(model, plan)
         del plans
         filler = _Filler(model, dtype=dtype, device=device, where=where)
+        files = weight_files(source.folder, variant=variant) if packed is None else [read_header(packed)]
+        if packed is not None:
+            check_packed_header(Path(packed), files[0].metadata, recipe, model=model)
+        largest = max((4 * math.prod(i.shape) for f in files for i in f.tensors.values()), default=0)
+        _check_fits(model, largest, device, where)
         if packed is None:
-            for key, tensor in iter_tensors(weight_files(source.folder, variant=variant)):
+            for key, tensor in iter_tensors(files):
                 filler.put_float(key, tensor)
         else:
-            header = read_header(packed)
-            check_packed_header(Path(packed), header.metadata, recipe, model=model)
-            for key, tensor in iter_tensors([header]):
+            for key, tensor in iter_tensors(files):
                 if key.endswith(CODES_SUFFIX):
                     filler.put_packed(key.removesuffix(CODES_SUFFIX).removesuffix(".weight"), "codes", tensor)
                 elif key.endswith(SCALE_SUFFIX):
