@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, model_options, non_negative_int, positive_int
+from qsched.cli.options import add_model_options, model_options, non_negative_int, output_folder, positive_int
 
 DEFAULT_QUANT = "w4a8"
 
@@ -66,7 +66,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--allow-fp", action="store_true",
                         help="calibrate the full-precision model on purpose (a control; never the default)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="start over in an existing --out (deletes its study)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)

@@ -33,6 +33,27 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "non-negative")
 
 
+def _output_path(text: str, *, folder: bool) -> str:
+    from qsched.errors import QSchedError
+    from qsched.outdir import check_output_path
+
+    try:
+        check_output_path(text, folder=folder)
+    except QSchedError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """argparse type: an output folder that can be created (nothing above it is a file)."""
+    return _output_path(text, folder=True)
+
+
+def output_file(text: str) -> str:
+    """argparse type: an output file whose folder can be created (nothing above it is a file)."""
+    return _output_path(text, folder=False)
+
+
 def add_model_options(
     parser: argparse.ArgumentParser,
     *,
