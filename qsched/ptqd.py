@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from qsched.errors import QSchedError
 from qsched.provenance import package_versions, write_json_atomic
+from qsched.quant.recipe import QuantRecipe
 from qsched.schedule import QSchedCoefficients
 from qsched.scheduler import plain_class, step_index_of, unwrap, wrapped_class
 
@@ -110,7 +111,7 @@ class PTQDStats:
             problems.append(f"they are for family {self.family!r}, not {family!r}")
         if self.num_steps != steps:
             problems.append(f"they are for {self.num_steps} steps, not {steps}")
-        if quant is not None and self.quant and dict(self.quant) != dict(quant):
+        if quant is not None and self.quant and _recipe(self.quant) != _recipe(quant):
             problems.append(f"they are for recipe {self.quant.get('name', self.quant)!r}, not {quant.get('name', quant)!r}")
         if problems:
             raise QSchedError("PTQD statistics do not fit: " + "; ".join(problems) + " (estimate them for this setting)")
@@ -145,6 +146,11 @@ class PTQDStats:
                        seed=data["seed"], images=int(data["images"]), versions=dict(data["versions"]))
         except (KeyError, TypeError, ValueError) as err:
             raise QSchedError(f"{path}: malformed PTQD statistics ({err})") from None
+
+
+def _recipe(quant: dict[str, Any]) -> QuantRecipe:
+    """The recipe of a stored dict (older dicts lack keys that now have defaults)."""
+    return QuantRecipe.from_dict(quant)
 
 
 # --- estimation -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, model_options, non_negative_int, output_folder, positive_int
+from qsched.cli.options import PRESET_NAMES, add_model_options, model_options, non_negative_int, output_folder, positive_int
 
 DEFAULT_QUANT = "w4a8"
 
@@ -28,7 +28,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
                         help="calibration prompts: .txt, .json, .yaml, .csv (default: the 16 built-in ones)")
     add_model_options(
         parser, packed=False,
-        quant_help=f"fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: {DEFAULT_QUANT}; fp needs --allow-fp)",
+        quant_help=f"{PRESET_NAMES} (default: {DEFAULT_QUANT}; fp needs --allow-fp; see docs/quantization.md)",
     )
     group = parser.add_argument_group("search")
     group.add_argument("--search", default="grid", choices=STRATEGIES, help="strategy (default: %(default)s, the paper's)")

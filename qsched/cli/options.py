@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from qsched.quant import QuantRecipe, parse_preset
+from qsched.quant import PRESETS, QuantRecipe, parse_preset
 
 if TYPE_CHECKING:
     from qsched.prepare import ModelOptions
 
 DEFAULT_MODEL = "builtin"
+PRESET_NAMES = ", ".join(PRESETS)
 
 
 def _int_at_least(text: str, minimum: int, what: str) -> int:
@@ -57,7 +58,7 @@ def output_file(text: str) -> str:
 def add_model_options(
     parser: argparse.ArgumentParser,
     *,
-    quant_help: str = "fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the --packed or card recipe, else fp)",
+    quant_help: str = f"{PRESET_NAMES} (default: the --packed or card recipe, else fp)",
     packed: bool = True,
 ) -> None:
     """The options that choose and set up the model; :func:`model_options` passes them on."""

@@ -37,9 +37,9 @@ from qsched.quant.fake import (
     LayerPlan,
     attach,
     build_report,
+    code_range,
     dequantize_weight,
     plan_layers,
-    qmax,
     refuse_quantized,
 )
 from qsched.quant.recipe import QuantRecipe
@@ -100,8 +100,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         weight = plan.module.weight.detach()
         scale = getattr(plan.module, SCALE_BUFFER).detach().float().cpu()
         out, groups = scale.shape
-        m = qmax(plan.weight_bits)
-        codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(-m, m)
+        lo, hi = code_range(plan.weight_bits, full_range=plan.full_range)
+        codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(lo, hi)
         if not torch.equal(dequantize_weight(codes, scale, shape=weight.shape, dtype=weight.dtype), weight.cpu()):
             raise QSchedError(
                 f"layer {plan.name!r}: its weight is no longer on the quantization grid "
