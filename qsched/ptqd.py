@@ -394,6 +394,7 @@ def _ptqd_class(base: type) -> type:
     cls = type(base.__name__, (wrapped,), {
         "__module__": base.__module__, "__qualname__": base.__qualname__,
         "__doc__": f"{base.__name__} with the PTQD correction (made by qsched.ptqd.ptqd_wrap).",
+        "_qsched_factory": _ptqd_class,  # pickling rebuilds this class, not the plain wrapper
         "_ptqd_sample_var": None, "_ptqd_active": None, "ptqd_noise_applied": hook is not None,
         "step": step, "set_timesteps": set_timesteps,
     })
