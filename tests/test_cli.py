@@ -164,7 +164,7 @@ def test_bad_checkpoints_and_packed_files_exit_2_and_write_nothing(tiny_pipeline
         ([*gen, "--model", str(lcm), "--packed", str(next((lcm / "unet").glob("*.safetensors")))],
          "is not a qsched packed checkpoint"),
         (["quantize", "--model", str(lcm), "--quant", "w4a8", "--out", str(blocker / "x.safetensors")],
-         "cannot write the packed checkpoint"),
+         "which is a file, not a folder"),
         ([*gen, "--model", str(lcm), "--quant", "w4a8", "--quantize-modules", "denoiser,nope"], "no component 'nope'"),
         ([*gen, "--model", str(lcm), "--quant", "w4a8", "--quantize-modules", "vae,vae"], "names a component twice"),
         ([*gen, "--model", str(lcm), "--backend", "int3"], "invalid choice: 'int3'"),
@@ -174,3 +174,42 @@ def test_bad_checkpoints_and_packed_files_exit_2_and_write_nothing(tiny_pipeline
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "sdxl-w4a8.safetensors", "truncated"]
+
+
+OUT_UNDER_A_FILE = {
+    "generate": ["generate", "x", "--out", "{out}"],
+    "calibrate": ["calibrate", "--out", "{out}"],
+    "evaluate": ["evaluate", "--out", "{out}"],
+    "quantize": ["quantize", "--quant", "w4a8", "--out", "{out}.safetensors"],
+    "tiny": ["tiny", "lcm", "--out", "{out}"],
+    "train-teacher": ["train", "teacher", "--steps", "1", "--out", "{out}"],
+    "train-student": ["train", "student", "--steps", "1", "--out", "{out}"],
+    "train-clip": ["train", "clip", "--steps", "1", "--out", "{out}"],
+    "train-ship": ["train", "ship", "{model}", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_UNDER_A_FILE))
+def test_out_under_a_file_is_one_line_exit_2(tiny_pipeline_path, tmp_path, capsys, command):
+    model = str(tiny_pipeline_path("lcm"))
+    (tmp_path / "A").write_text("a file, not a folder\n")
+    argv = [a.format(out=tmp_path / "A" / "B", model=model) for a in OUT_UNDER_A_FILE[command]]
+    if argv[0] in ("generate", "calibrate", "evaluate", "quantize"):
+        argv += ["--model", model]
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert f"lies under {tmp_path / 'A'}, which is a file, not a folder" in err
+    assert (tmp_path / "A").read_text() == "a file, not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+
+
+def test_prepare_output_dir_refuses_a_path_under_a_file(tmp_path):
+    from qsched.errors import QSchedError
+    from qsched.outdir import prepare_output_dir
+
+    (tmp_path / "A").write_text("x")
+    with pytest.raises(QSchedError, match="lies under .*A, which is a file"):
+        prepare_output_dir(tmp_path / "A" / "B" / "C", overwrite=True, owned=())
+    with pytest.raises(QSchedError, match="exists and is not a folder"):
+        prepare_output_dir(tmp_path / "A", overwrite=True, owned=())

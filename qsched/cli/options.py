@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from qsched.quant import BACKENDS, QuantRecipe, parse_preset
+from qsched.quant import BACKENDS, PRESETS, QuantRecipe, parse_preset
 
 if TYPE_CHECKING:
     from qsched.prepare import ModelOptions
 
 DEFAULT_MODEL = "builtin"
+PRESET_NAMES = ", ".join(PRESETS)
 
 
 def _int_at_least(text: str, minimum: int, what: str) -> int:
@@ -33,10 +34,31 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "non-negative")
 
 
+def _output_path(text: str, *, folder: bool) -> str:
+    from qsched.errors import QSchedError
+    from qsched.outdir import check_output_path
+
+    try:
+        check_output_path(text, folder=folder)
+    except QSchedError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """argparse type: an output folder that can be created (nothing above it is a file)."""
+    return _output_path(text, folder=True)
+
+
+def output_file(text: str) -> str:
+    """argparse type: an output file whose folder can be created (nothing above it is a file)."""
+    return _output_path(text, folder=False)
+
+
 def add_model_options(
     parser: argparse.ArgumentParser,
     *,
-    quant_help: str = "fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: the --packed or card recipe, else fp)",
+    quant_help: str = f"{PRESET_NAMES} (default: the --packed or card recipe, else fp)",
     packed: bool = True,
 ) -> None:
     """The options that choose and set up the model; :func:`model_options` passes them on."""

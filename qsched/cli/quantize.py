@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import DEFAULT_MODEL
+from qsched.cli.options import DEFAULT_MODEL, PRESET_NAMES, output_file
 
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
@@ -20,8 +20,8 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="local pipeline folder or 'builtin' (default: %(default)s)")
     parser.add_argument("--family", default=None, help="model family; detected when omitted")
-    parser.add_argument("--quant", required=True, metavar="PRESET", help="w8a8, w4a8, w4a4, w4a16, w8a16")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    parser.add_argument("--quant", required=True, metavar="PRESET", help=PRESET_NAMES.removeprefix("fp, "))
+    parser.add_argument("--out", required=True, type=output_file, metavar="FILE", help="the .safetensors file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.set_defaults(run=run)
 

@@ -37,9 +37,9 @@ from qsched.quant.fake import (
     LayerPlan,
     attach,
     build_report,
+    code_range,
     dequantize_weight,
     plan_layers,
-    qmax,
     refuse_quantized,
 )
 from qsched.quant.packed_modules import PackedLayer, encode_codes, pack_int4, unpack_int4
@@ -79,8 +79,8 @@ def _fake_layer_codes(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
     weight = plan.module.weight.detach()
     scale = getattr(plan.module, SCALE_BUFFER).detach().float().cpu()
     out, groups = scale.shape
-    m = qmax(plan.weight_bits)
-    codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(-m, m)
+    lo, hi = code_range(plan.weight_bits, full_range=plan.full_range)
+    codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(lo, hi)
     if not torch.equal(dequantize_weight(codes, scale, shape=weight.shape, dtype=weight.dtype), weight.cpu()):
         raise QSchedError(
             f"layer {plan.name!r}: its weight is no longer on the quantization grid "

@@ -96,6 +96,7 @@ class PackedLayer(nn.Module):
         dtype: torch.dtype,
         bias: bool,
         input_quantizer: Any = None,
+        full_range: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -109,6 +110,7 @@ class PackedLayer(nn.Module):
         self.weight_bits = weight_bits
         self.group_size = group_size
         self.weight_dtype = dtype
+        self.full_range = full_range
         self.input_quantizer = input_quantizer
         groups = numel // (out * group_size)
         self.register_buffer(
@@ -152,7 +154,9 @@ class PackedLayer(nn.Module):
 
         if tuple(weight.shape) != self.weight_shape:
             raise QSchedError(f"weight of shape {tuple(weight.shape)} given for a layer of shape {self.weight_shape}")
-        codes, scale = quantize_weight(weight.to(self.weight_dtype), bits=self.weight_bits, group_size=self.group_size)
+        codes, scale = quantize_weight(
+            weight.to(self.weight_dtype), bits=self.weight_bits, group_size=self.group_size, full_range=self.full_range
+        )
         self.set_weight(encode_codes(codes, self.weight_bits), scale)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -222,19 +226,19 @@ class PackedConv2d(PackedLayer):
         )
 
 
-def packed_layer_for(module: nn.Module, *, weight_bits: int, group_size: int, input_quantizer: Any) -> PackedLayer:
+def packed_layer_for(
+    module: nn.Module, *, weight_bits: int, group_size: int, input_quantizer: Any, full_range: bool = False
+) -> PackedLayer:
     """An empty packed layer shaped like ``module`` (Linear or Conv2d; may live on the meta device)."""
     weight = module.weight
     dtype = weight.dtype
-    device = None if weight.device.type == "meta" else weight.device
+    device = weight.device
     common = dict(weight_bits=weight_bits, group_size=group_size, dtype=dtype, bias=module.bias is not None,
-                  input_quantizer=input_quantizer, device=device)
+                  input_quantizer=input_quantizer, full_range=full_range, device=device)
     if isinstance(module, nn.Linear):
         layer: PackedLayer = PackedLinear(module.in_features, module.out_features, **common)
     elif isinstance(module, nn.Conv2d):
         layer = PackedConv2d(module, **common)
     else:
         raise QSchedError(f"cannot pack a {type(module).__name__}; packed layers replace {PACKED_TYPES}")
-    if device is None:
-        layer.to_empty(device="meta")
     return layer

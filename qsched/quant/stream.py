@@ -92,7 +92,7 @@ def _install(model: nn.Module, plan: LayerPlan) -> PackedLayer | None:
         return None
     layer = packed_layer_for(
         plan.module, weight_bits=plan.weight_bits, group_size=plan.group_size,
-        input_quantizer=make_activation_quantizer(plan),
+        input_quantizer=make_activation_quantizer(plan), full_range=plan.full_range,
     )
     setattr(layer, _MARKER, LayerQuantState(plan.weight_bits, plan.act_bits, plan.group_size, BACKEND))
     if plan.name == "":
