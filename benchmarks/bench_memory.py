@@ -302,7 +302,7 @@ def suite(args: argparse.Namespace) -> dict[str, Any]:
         half = work / f"pipe-{spec.half}"
         make_pipeline(spec, half, dtype=getattr(torch, spec.half), flux_blocks=blocks)
         rows[spec.half] = gen(spec.half, ["--quant", "fp", "--dtype", spec.half], half)
-    for quant in QUANTS:
+    for quant in args.quants:
         rows[f"{quant} fake"] = gen(f"{quant}-fake", ["--quant", quant, "--backend", "fake"])
         rows[f"{quant} packed"] = gen(f"{quant}-packed", ["--quant", quant])
         packed_file = work / f"{quant}.safetensors"
@@ -361,6 +361,7 @@ def main() -> None:
     s.add_argument("--model", choices=sorted(SPECS), required=True)
     s.add_argument("--flux-blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"))
     s.add_argument("--skip-half", action="store_true", help="no fp16/bf16 row (slow on CPU)")
+    s.add_argument("--quants", nargs="*", default=list(QUANTS), choices=QUANTS)
     s.add_argument("--time-quants", nargs="*", default=["w8a8", "w4a8"])
     s.add_argument("--time-latents", type=int, nargs="*", default=[8, 32])
     s.add_argument("--repeats", type=int, default=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -124,3 +125,26 @@ def test_pack_model_frees_the_float_weights_and_refuses_twice() -> None:
     with pytest.raises(QSchedError, match="already quantized"):
         pack_model(model, parse_preset("w8a8"))
     copy.deepcopy(model)  # packed models copy (worker processes, evaluate configs)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w4a8-ref"])
+def test_int8_kernel_matches_fake_quant_to_float_rounding(preset: str) -> None:
+    from qsched.quant.packed_modules import use_int8_kernel
+
+    recipe = parse_preset(preset)
+    if recipe.group_size is not None:  # grouped weights: _int_mm cannot apply one scale per row
+        packed = layers()
+        pack_model(packed, recipe)
+        assert use_int8_kernel(packed) == 0
+        recipe = dataclasses.replace(recipe, group_size=None)
+    fake, packed = layers(), layers()
+    quantize(fake, recipe)
+    pack_model(packed, recipe)
+    assert use_int8_kernel(packed) == 2  # the two Linear layers; convolutions keep dequantizing
+    for rows in (3, 40):  # fewer and more than _int_mm's 16-row minimum
+        x = torch.randn(rows, 96) * 3 + 0.5
+        with torch.no_grad():
+            for name in ("lin", "nobias"):
+                got, want = packed[name](x), fake[name](x)
+                assert packed[name].int8_kernel
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

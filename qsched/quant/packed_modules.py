@@ -186,16 +186,59 @@ class PackedLayer(nn.Module):
 
 
 class PackedLinear(PackedLayer):
-    """A Linear layer computing from int4/int8 codes (see :class:`PackedLayer`)."""
+    """A Linear layer computing from int4/int8 codes (see :class:`PackedLayer`).
+
+    With ``int8_kernel`` on (see :func:`use_int8_kernel`) it multiplies the integer
+    codes of inputs and weights with ``torch._int_mm`` instead of dequantizing.
+    """
 
     def __init__(self, in_features: int, out_features: int, **kwargs: Any) -> None:
         super().__init__(weight_shape=(out_features, in_features), **kwargs)
         self.in_features = in_features
         self.out_features = out_features
+        self.int8_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_kernel:
+            return self._int8_forward(x)
         x = self._quantized_input(x)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def supports_int8_kernel(self) -> bool:
+        """Per-channel weights and one int8 scale (and zero point) per token: what ``_int_mm`` can compute."""
+        q = self.input_quantizer
+        return (
+            q is not None and q.bits == 8 and q.groups == 1 and q.dim == -1 and self.weight_scale.shape[1] == 1
+        )
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(s_x (c_x - z_x)) @ (s_w c_w)^T + b`` with the integer product in int32: the fake-quant
+        result up to float rounding (the products are exact, only the final scaling rounds)."""
+        from qsched.quant.fake import quantize_activation
+
+        q = self.input_quantizer
+        rows = x.reshape(-1, self.in_features)
+        codes, scale, zero_point = quantize_activation(
+            rows, bits=8, dim=-1, symmetric=q.symmetric, groups=1, full_range=q.full_range
+        )
+        count = rows.shape[0]
+        codes = codes.to(torch.int8)
+        if count <= 16:  # _int_mm needs more than 16 rows on CUDA
+            codes = torch.cat([codes, codes.new_zeros(17 - count, self.in_features)])
+        weight = self._weight_codes_int8()
+        acc = torch._int_mm(codes, weight.t())[:count]
+        if zero_point is not None:
+            acc = acc - zero_point.reshape(-1, 1).to(torch.int32) * weight.sum(dim=1, dtype=torch.int32)
+        out = acc.to(torch.float32) * scale.reshape(-1, 1) * self.weight_scale.reshape(1, -1)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _weight_codes_int8(self) -> torch.Tensor:
+        if self.weight_bits == 8:
+            return self.weight_codes.view(self.out_features, self.in_features)
+        flat = torch.stack((self.weight_codes & 0x0F, self.weight_codes >> 4), dim=-1).reshape(-1)
+        return (flat[: self.out_features * self.in_features].view(torch.int8) - 8).view(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}"
@@ -242,3 +285,17 @@ def packed_layer_for(
     else:
         raise QSchedError(f"cannot pack a {type(module).__name__}; packed layers replace {PACKED_TYPES}")
     return layer
+
+
+def use_int8_kernel(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the packed Linear layers of ``model`` that support it to ``torch._int_mm``; returns how many.
+
+    Off by default: on CPU (torch 2.13) ``_int_mm`` is ~15x slower than dequantizing
+    and an FP32 matmul. Meant for CUDA, where int8 tensor cores apply (``_int_mm``
+    there wants the input and output sizes to be multiples of 8); not yet measured on
+    a GPU by this project.
+    """
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.supports_int8_kernel()]
+    for layer in layers:
+        layer.int8_kernel = enabled
+    return len(layers)
