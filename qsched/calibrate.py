@@ -272,8 +272,9 @@ def _calibration_prompts(prompts: Sequence[str] | None, prompts_file: str | os.P
 
 
 def _check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise QSchedError(f"output path {out} exists and is not a folder; choose another --out")
+    from qsched.outdir import check_output_path
+
+    check_output_path(out)
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise QSchedError(
             f"output folder {out} exists and is not empty; pass --resume to continue the calibration in it, "

@@ -26,7 +26,7 @@ import importlib
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ __all__ = [
     "list_families",
     "load_pipeline",
     "register_family",
+    "resolve_pipeline",
 ]
 
 Pairs = tuple[tuple[str, Any], ...]
@@ -411,20 +412,13 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def load_pipeline(
-    model: str | Path,
-    *,
-    family: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    lora: str | Path | None = None,
-) -> LoadedPipeline:
-    """Load a pipeline folder (or a locally cached hub id) ready for few-step sampling.
+def resolve_pipeline(
+    model: str | Path, *, family: str | None = None
+) -> tuple[Path, str, dict[str, Any], FamilySpec]:
+    """Where a pipeline lives and what it is, without loading it: ``(folder, source, model_index, family)``.
 
-    The family is detected from the pipeline and scheduler classes when not
-    given; the scheduler is replaced by the family's, built from the pipeline's
-    own scheduler config plus the family overrides; the safety checker is off;
-    ``lora`` (a .safetensors file, a folder, or a cached hub id) is fused.
+    ``model`` is a local folder, a hub id in the local cache, or the name of a family
+    whose weights qsched ships (``"builtin"``).
     """
     shipped = _shipped_family(model)
     if shipped is not None:
@@ -444,8 +438,37 @@ def load_pipeline(
             f"so it is not a {spec.name!r} pipeline; check family= (known: "
             f"{', '.join(family_names())})"
         )
+    return folder, source, index, spec
 
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    family: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lora: str | Path | None = None,
+    components: Callable[[Path, FamilySpec], Mapping[str, Any]] | None = None,
+) -> LoadedPipeline:
+    """Load a pipeline folder (or a locally cached hub id) ready for few-step sampling.
+
+    The family is detected from the pipeline and scheduler classes when not
+    given; the scheduler is replaced by the family's, built from the pipeline's
+    own scheduler config plus the family overrides; the safety checker is off;
+    ``lora`` (a .safetensors file, a folder, or a cached hub id) is fused.
+    ``components(folder, family)`` may return pipeline components built by the
+    caller (e.g. a denoiser loaded straight into packed layers); those are not
+    loaded from the folder.
+    """
+    folder, source, index, spec = resolve_pipeline(model, family=family)
+    if lora is not None and components is not None:
+        raise QSchedError(
+            "a LoRA is fused into full-precision weights, so it cannot be combined with components "
+            "loaded already quantized; fuse it and save the pipeline first, or use the fake backend"
+        )
     kwargs: dict[str, Any] = {_dtype_keyword(): dtype}
+    if components is not None:
+        kwargs.update(components(folder, spec))
     if "safety_checker" in index:
         kwargs["safety_checker"] = None
     if "requires_safety_checker" in index:

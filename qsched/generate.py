@@ -9,6 +9,7 @@ the batch size, the order of batches or the number of processes.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -90,17 +91,25 @@ def generate_to_folder(
         raise QSchedError("no prompts given; pass prompts as arguments or with --prompts FILE")
     list(batches(0, batch_size))  # validate before touching the disk
     out = prepare_output_dir(out, overwrite=overwrite, owned=("*.png", "metadata.json", "run.json"))
-    write_json_atomic(out / "run.json", _run_record(prepared, len(prompts), seed, batch_size, card_path))
+    run = _run_record(prepared, len(prompts), seed, batch_size, card_path)
+    write_json_atomic(out / "run.json", run)
     records: list[dict[str, Any]] = []
+    sampling = 0.0
     with tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress) as bar:
         for chunk in batches(len(prompts), batch_size):
+            start = time.perf_counter()
             images = sample(prepared, [prompts[i] for i in chunk], chunk, seed=seed)
+            sampling += time.perf_counter() - start
             for index, image in zip(chunk, images):
                 name = IMAGE_PATTERN.format(index=index)
                 _save_png(image, out / name)
                 records.append(_record(prepared, name, index, prompts[index], seed, card_path))
             write_json_atomic(out / "metadata.json", records)
             bar.update(len(chunk))
+    calls = len(list(batches(len(prompts), batch_size)))
+    # seconds per sampling step of one batch (pipeline call / steps), text encoding and decoding included
+    run["timing"] = {"sampling_s": sampling, "pipeline_calls": calls, "per_step_s": sampling / (calls * prepared.steps)}
+    write_json_atomic(out / "run.json", run)
     return records
 
 
@@ -132,6 +141,7 @@ def _run_record(prepared: PreparedPipeline, count: int, seed: int, batch_size: i
         "width": prepared.width,
         "quant": prepared.recipe.to_dict(),
         "quant_report": prepared.report.to_dict(),
+        "module_reports": {name: report.to_dict() for name, report in prepared.module_reports.items()},
         "card": card_path,
         "versions": package_versions(),
     }

@@ -2,27 +2,39 @@
 
 PTQD models the quantized denoiser's output as ``q = (1 + k) * f + d``: a part
 correlated with the full-precision output ``f`` (the scale ``1 + k``) and an
-uncorrelated residual ``d``. Unlike Q-Sched, its calibration runs the
-full-precision model. Per sampling step ``i``:
+uncorrelated residual ``d`` with a mean (the *bias*) and a variance. Unlike Q-Sched,
+its calibration runs the full-precision model. Per sampling step ``i``:
 
-* **correlated part**: ``1 + k_i = <q, f> / <f, f>`` (least squares through the
-  origin); the sampler divides the prediction by it. This is exactly a Q-Sched
-  coefficient ``c_eps[i] = 1 / (1 + k_i)`` (``c_x = 1``), applied with
-  :func:`qsched.scheduler.wrap` -- the same run-time subclass, no second mechanism;
-* **uncorrelated part**: the residual ``q / (1 + k_i) - f`` pushed through the
-  scheduler's own ``step`` (same input, same noise, so only the residual's effect
-  on the next sample remains) gives its per-element variance ``v_i`` in sample
-  space. Where the scheduler injects fresh Gaussian noise of variance ``s_i^2``,
-  PTQD injects ``max(s_i^2 - v_i, 0)`` instead, so the total variance is what the
-  sampler expects.
+* **correlated part**: ``q = (1 + k_i) * f + b_i + d`` fitted by least squares with
+  an intercept ``b_i`` (PTQD's ``linregress`` of the error ``q - f`` on ``f``); the
+  sampler divides the prediction by ``1 + k_i``: a Q-Sched coefficient
+  ``c_eps[i] = 1 / (1 + k_i)`` (``c_x = 1``), applied with :func:`qsched.scheduler.wrap`
+  -- the same run-time subclass, no second mechanism;
+* **bias**: the mean of the residual ``q - (1 + k_i) * f`` per channel (``mu_i[c]``;
+  its average over channels is the intercept ``b_i``) is subtracted from the
+  prediction before the division: ``(q - mu_i) / (1 + k_i)``;
+* **uncorrelated part**: what is left, ``(q - mu_i) / (1 + k_i) - f``, has zero mean
+  per channel; its per-element variance is ``residual_var[i]``. Pushed through the
+  scheduler's own ``step`` (same input, same noise, so only the residual's effect on
+  the next sample remains) it gives the variance ``v_i`` in sample space. Where the
+  scheduler injects fresh Gaussian noise of variance ``s_i^2``, PTQD injects
+  ``max(s_i^2 - v_i, 0)`` instead, so the total variance is what the sampler expects.
 
-What can be expressed generically and what cannot: the correlated part works with
-every scheduler :func:`qsched.scheduler.wrap` accepts. The noise part needs to know
+Differences from the official code (ziplab/PTQD), on purpose: it subtracts the
+per-channel mean of the raw error ``q - f``, which also holds ``k * mean(f)``, a part the
+division by ``1 + k`` already corrects; qsched subtracts the mean of the residual ``d`` as
+the paper defines it; it clips ``k`` at 0 where qsched keeps a negative ``k`` (only
+``1 + k <= 0`` is refused); its noise correction is written for DDIM with ``eta > 0``,
+qsched's for the LCM sampler (the variance term is the same: the residual's
+coefficient in the step, squared, times its variance).
+
+What can be expressed generically and what cannot: the correlated and bias parts work
+with every scheduler :func:`qsched.scheduler.wrap` accepts. The noise part needs to know
 where a scheduler injects noise; it is implemented for ``LCMScheduler`` (multi-step
 consistency sampling re-noises with ``sqrt(1 - a_prev) * z``; the deterministic part is
 ``sqrt(a_prev) * denoised``, which the step returns) -- the sampler of the LCM family and
 of the built-in model. Deterministic samplers (DDIM with eta=0, Euler, FlowMatchEuler,
-DPMSolver) inject no noise, so only the correlated correction applies; for other
+DPMSolver) inject no noise, so only the correlated and bias corrections apply; for other
 stochastic schedulers (EulerAncestral, TCD with gamma > 0, DDPM) the noise part is not
 applied and :func:`ptqd_wrap` says so in ``scheduler.ptqd_noise_applied``.
 
@@ -50,25 +62,30 @@ from tqdm.auto import tqdm
 
 from qsched.errors import QSchedError
 from qsched.provenance import package_versions, write_json_atomic
+from qsched.quant.recipe import QuantRecipe
 from qsched.schedule import QSchedCoefficients
 from qsched.scheduler import plain_class, step_index_of, unwrap, wrapped_class
 
 PTQD_FORMAT = "qsched-ptqd-stats"
-PTQD_VERSION = 1
+PTQD_VERSION = 2  # 2: intercept, per-channel bias, residual variance without the bias
 
 
 @dataclass(frozen=True)
 class PTQDStats:
     """Per-step PTQD statistics of one model + recipe + step count.
 
-    ``scale[i] = 1 + k_i``; ``residual_var[i]`` is the per-element variance of the
-    uncorrelated residual in model-output space, ``sample_var[i]`` the same residual's
-    variance after the scheduler's step (sample space; what is taken off the noise).
+    ``scale[i] = 1 + k_i``; ``bias[i]`` the per-channel mean of the residual
+    ``q - (1 + k_i) f`` (empty: no bias correction, e.g. synthetic statistics);
+    ``residual_var[i]`` the per-element variance of the corrected residual
+    ``(q - bias) / (1 + k) - f`` (model-output space, bias excluded); ``sample_var[i]``
+    the same residual's variance after the scheduler's step (sample space; what is
+    taken off the noise).
     """
 
     scale: tuple[float, ...]
     residual_var: tuple[float, ...]
     sample_var: tuple[float, ...]
+    bias: tuple[tuple[float, ...], ...] = ()
     model: str = ""
     family: str = ""
     quant: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +109,14 @@ class PTQDStats:
             object.__setattr__(self, name, values)
         if any(v <= 0 for v in self.scale):
             raise QSchedError(f"PTQD scales must be positive, got {self.scale}")
+        if any(v < 0 for v in self.residual_var + self.sample_var):
+            raise QSchedError("PTQD variances must be non-negative")
+        bias = tuple(tuple(float(v) for v in step) for step in self.bias)
+        if bias and (len(bias) != n or not all(bias) or not all(math.isfinite(v) for step in bias for v in step)):
+            raise QSchedError(
+                f"PTQD bias needs one non-empty list of finite per-channel values per step ({n}), got {self.bias!r}"
+            )
+        object.__setattr__(self, "bias", bias)
         if self.steps and self.steps != n:
             raise QSchedError(f"PTQD statistics say steps={self.steps} but hold {n} entries")
 
@@ -110,7 +135,7 @@ class PTQDStats:
             problems.append(f"they are for family {self.family!r}, not {family!r}")
         if self.num_steps != steps:
             problems.append(f"they are for {self.num_steps} steps, not {steps}")
-        if quant is not None and self.quant and dict(self.quant) != dict(quant):
+        if quant is not None and self.quant and _recipe(self.quant) != _recipe(quant):
             problems.append(f"they are for recipe {self.quant.get('name', self.quant)!r}, not {quant.get('name', quant)!r}")
         if problems:
             raise QSchedError("PTQD statistics do not fit: " + "; ".join(problems) + " (estimate them for this setting)")
@@ -120,6 +145,7 @@ class PTQDStats:
             "format": PTQD_FORMAT, "version": PTQD_VERSION, "model": self.model, "family": self.family,
             "quant": dict(self.quant), "steps": self.num_steps, "guidance_scale": self.guidance_scale,
             "seed": self.seed, "images": self.images, "scale": list(self.scale),
+            "bias": [list(step) for step in self.bias],
             "residual_var": list(self.residual_var), "sample_var": list(self.sample_var),
             "versions": dict(self.versions),
         }
@@ -136,10 +162,16 @@ class PTQDStats:
             raise QSchedError(f"PTQD statistics file {path} does not exist") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise QSchedError(f"cannot read PTQD statistics {path}: {err}") from None
-        if not isinstance(data, dict) or data.get("format") != PTQD_FORMAT or data.get("version") != PTQD_VERSION:
+        if not isinstance(data, dict) or data.get("format") != PTQD_FORMAT:
             raise QSchedError(f"{path} is not a PTQD statistics file (format {PTQD_FORMAT!r}, version {PTQD_VERSION})")
+        if data.get("version") != PTQD_VERSION:
+            raise QSchedError(
+                f"{path} holds PTQD statistics version {data.get('version')!r}, this qsched reads version "
+                f"{PTQD_VERSION} (version 1 lacked the bias correction and fitted no intercept); estimate them again"
+            )
         try:
-            return cls(scale=tuple(data["scale"]), residual_var=tuple(data["residual_var"]),
+            return cls(scale=tuple(data["scale"]), bias=tuple(tuple(b) for b in data["bias"]),
+                       residual_var=tuple(data["residual_var"]),
                        sample_var=tuple(data["sample_var"]), model=data["model"], family=data["family"],
                        quant=dict(data["quant"]), steps=int(data["steps"]), guidance_scale=data["guidance_scale"],
                        seed=data["seed"], images=int(data["images"]), versions=dict(data["versions"]))
@@ -147,24 +179,75 @@ class PTQDStats:
             raise QSchedError(f"{path}: malformed PTQD statistics ({err})") from None
 
 
+def _recipe(quant: dict[str, Any]) -> QuantRecipe:
+    """The recipe of a stored dict (older dicts lack keys that now have defaults)."""
+    return QuantRecipe.from_dict(quant)
+
+
 # --- estimation -----------------------------------------------------------------------------
 
-def fit_step(quantized: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
-    """``(1 + k, residual variance)`` of ``quantized = (1 + k) * full + d`` (least squares through 0).
+@dataclass(frozen=True)
+class StepFit:
+    """PTQD's fit of one step: ``quantized = scale * full + intercept + residual``.
 
-    The residual is measured after the correction: ``quantized / (1 + k) - full``.
+    ``bias`` is the residual's mean per channel (its mean over channels of equal size
+    is ``intercept``); ``residual_var`` the per-element variance of the corrected
+    residual ``(quantized - bias) / scale - full``, the bias excluded.
     """
-    q, f = quantized.detach().double().reshape(-1), full.detach().double().reshape(-1)
-    if q.numel() != f.numel() or q.numel() == 0:
-        raise QSchedError(f"PTQD fit needs equal, non-empty outputs; got {q.numel()} and {f.numel()} values")
-    denominator = float(f @ f)
-    if denominator == 0.0:
-        raise QSchedError("the full-precision outputs are all zero; cannot estimate the PTQD scale")
-    scale = float(q @ f) / denominator
+
+    scale: float
+    intercept: float
+    bias: tuple[float, ...]
+    residual_var: float
+
+
+def channel_dim(output: torch.Tensor) -> int | None:
+    """The channel axis of a denoiser output: 1 for ``[B, C, H, W]`` (and video), -1 for tokens ``[B, S, C]``."""
+    if output.dim() >= 4:
+        return 1
+    if output.dim() == 3:
+        return -1
+    return None
+
+
+def _per_channel_mean(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    if dim is None:
+        return x.mean().reshape(1)
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1).mean(dim=1)
+
+
+def _channel_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``values`` shaped to broadcast against ``like``."""
+    dim = channel_dim(like)
+    if dim is None:
+        return values.reshape(())
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return values.reshape(shape)
+
+
+def fit_step(quantized: torch.Tensor, full: torch.Tensor) -> StepFit:
+    """Fit ``quantized = (1 + k) * full + b + d`` by least squares with an intercept, as PTQD does.
+
+    ``quantized`` and ``full`` are same-shaped denoiser outputs (channels on
+    :func:`channel_dim`); the statistics are computed in float64.
+    """
+    if quantized.shape != full.shape or quantized.numel() == 0:
+        raise QSchedError(f"PTQD fit needs equal, non-empty outputs; got shapes {tuple(quantized.shape)} and {tuple(full.shape)}")
+    q, f = quantized.detach().double(), full.detach().double()
+    f_centred = f - f.mean()
+    variance = float(f_centred.pow(2).mean())
+    if variance == 0.0:
+        raise QSchedError("the full-precision outputs are constant; cannot estimate the PTQD scale")
+    scale = float((f_centred * (q - q.mean())).mean()) / variance
     if scale <= 0:
         raise QSchedError(f"quantized and full-precision outputs are anti-correlated (scale {scale:.3g}); PTQD does not apply")
-    residual = q / scale - f
-    return scale, float(residual.pow(2).mean())
+    residual = q - scale * f
+    dim = channel_dim(q)
+    bias = _per_channel_mean(residual, dim)
+    centred = residual - _channel_view(bias, residual)
+    return StepFit(scale=scale, intercept=float(residual.mean()), bias=tuple(bias.tolist()),
+                   residual_var=float(centred.pow(2).mean()) / scale**2)
 
 
 @dataclass
@@ -215,27 +298,25 @@ def estimate_ptqd(
             for i, record in enumerate(records):
                 per_step[i].append(record)
             bar.update(len(chunk))
-    scales, residuals, sample_vars = [], [], []
+    fits = []
     for records in per_step:
-        q = torch.cat([r.quantized.reshape(-1) for r in records])
-        f = torch.cat([r.full.reshape(-1) for r in records])
-        scale, residual_var = fit_step(q, f)
-        scales.append(scale)
-        residuals.append(residual_var)
-        sample_vars.append(_propagated_variance(records, scale))
+        fit = fit_step(torch.cat([r.quantized for r in records]), torch.cat([r.full for r in records]))
+        fits.append((fit, _propagated_variance(records, fit)))
     return PTQDStats(
-        scale=tuple(scales), residual_var=tuple(residuals), sample_var=tuple(sample_vars),
+        scale=tuple(fit.scale for fit, _ in fits), bias=tuple(fit.bias for fit, _ in fits),
+        residual_var=tuple(fit.residual_var for fit, _ in fits), sample_var=tuple(v for _, v in fits),
         model=quantized.loaded.source, family=quantized.family, quant=quantized.recipe.to_dict(), steps=steps,
         guidance_scale=quantized.guidance_scale, seed=seed, images=len(prompts),
     )
 
 
-def _propagated_variance(records: Sequence[_StepRecord], scale: float) -> float:
-    """Per-element variance of ``step(q / scale) - step(f)`` with identical input and noise."""
+def _propagated_variance(records: Sequence[_StepRecord], fit: StepFit) -> float:
+    """Per-element variance of ``step((q - bias) / scale) - step(f)`` with identical input and noise."""
     total, count = 0.0, 0
     for record in records:
+        bias = _channel_view(torch.tensor(fit.bias, dtype=record.quantized.dtype), record.quantized)
         outputs = []
-        for model_output in (record.quantized / scale, record.full):
+        for model_output in ((record.quantized - bias) / fit.scale, record.full):
             scheduler = copy.deepcopy(record.snapshot)
             base = type(scheduler)._ptqd_tap_base
             kwargs: dict[str, Any] = {"return_dict": False}
@@ -372,23 +453,34 @@ def _ptqd_class(base: type) -> type:
 
     @functools.wraps(base.step)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if hook is None or self._ptqd_active is None:
-            return wrapped_step(self, *args, **kwargs)
+        stats = self._ptqd_active
+        if stats is None or (hook is None and not stats.bias):
+            return wrapped_step(self, *args, **kwargs)  # only c_eps = 1 / (1 + k), or nothing
         bound = signature.bind(self, *args, **kwargs)
-        index = step_index_of(self, bound.arguments["timestep"])
-        result = wrapped_step(self, *args, **kwargs)
-        return hook(self, index, result, self._ptqd_active[index])
+        index = step_index_of(self, bound.arguments["timestep"])  # before the step advances it
+        if stats.bias:
+            output = bound.arguments["model_output"]
+            bias = torch.tensor(stats.bias[index], dtype=output.dtype, device=output.device)
+            if channel_dim(output) is not None and output.shape[channel_dim(output)] != bias.numel():
+                raise QSchedError(
+                    f"the PTQD statistics hold {bias.numel()} channels, the model output {tuple(output.shape)} "
+                    f"has {output.shape[channel_dim(output)]}; estimate them for this model"
+                )
+            bound.arguments["model_output"] = output - _channel_view(bias, output)
+        result = wrapped_step(*bound.args, **bound.kwargs)
+        return result if hook is None else hook(self, index, result, stats.sample_var[index])
 
     @functools.wraps(base.set_timesteps)
     def set_timesteps(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = wrapped.set_timesteps(self, *args, **kwargs)  # checks the step count
-        self._ptqd_active = self._ptqd_sample_var
+        self._ptqd_active = self._ptqd_stats
         return result
 
     cls = type(base.__name__, (wrapped,), {
         "__module__": base.__module__, "__qualname__": base.__qualname__,
         "__doc__": f"{base.__name__} with the PTQD correction (made by qsched.ptqd.ptqd_wrap).",
-        "_ptqd_sample_var": None, "_ptqd_active": None, "ptqd_noise_applied": hook is not None,
+        "_qsched_factory": _ptqd_class,  # pickling rebuilds this class, not the plain wrapper
+        "_ptqd_stats": None, "_ptqd_active": None, "ptqd_noise_applied": hook is not None,
         "step": step, "set_timesteps": set_timesteps,
     })
     _PTQD_CLASSES[base] = cls
@@ -396,7 +488,7 @@ def _ptqd_class(base: type) -> type:
 
 
 def ptqd_wrap(scheduler: Any, stats: PTQDStats) -> Any:
-    """A copy of ``scheduler`` with PTQD's correction: prediction / (1 + k), and less noise where injected.
+    """A copy of ``scheduler`` with PTQD's correction: (prediction - bias) / (1 + k), less noise where injected.
 
     ``scheduler.ptqd_noise_applied`` is False where the scheduler's noise injection is
     not known to qsched (see :data:`NOISE_HOOKS`); deterministic schedulers need none.
@@ -404,5 +496,5 @@ def ptqd_wrap(scheduler: Any, stats: PTQDStats) -> Any:
     base = plain_class(scheduler)
     corrected = _ptqd_class(base).from_config(scheduler.config)
     corrected.set_coefficients(stats.coefficients())
-    corrected._ptqd_sample_var = stats.sample_var
+    corrected._ptqd_stats = stats
     return corrected

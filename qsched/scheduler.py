@@ -26,6 +26,20 @@ subclass :func:`wrapped_class` of :func:`plain_class` and read the step index wi
 Coefficients take effect at ``set_timesteps``: each sampling run uses the
 coefficients set before it started (``set_coefficients`` during a run applies from
 the next run), and their length is checked against the run's number of steps.
+
+Identity versus real coefficients. With all-ones coefficients (or none: an instance
+made by ``type(wrapped).from_config(...)`` or ``from_pretrained``) the wrapper is
+transparent: ``step`` calls the inner ``step`` unchanged, so everything the plain
+scheduler accepts is accepted -- ``step`` before ``set_timesteps`` (DDPM, Euler and
+EulerAncestral step on the schedule built in ``__init__``), timesteps outside
+``self.timesteps`` (DDIM, DDPM), any number of steps. With real coefficients three
+checks protect the user, because a coefficient must be matched to the step it was
+calibrated for: ``set_timesteps`` must come first, the coefficients must have as many
+entries as the run has steps, and a scheduler without a step index (DDIM, DDPM) must
+be given a timestep that occurs exactly once in its schedule.
+
+Wrapped schedulers pickle (and deep-copy) with their coefficients, like the plain
+ones, so pipelines can be sent to worker processes.
 """
 
 from __future__ import annotations
@@ -118,6 +132,8 @@ def _make_wrapped_class(base: type) -> type:
 
     @functools.wraps(base_step)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _is_transparent(self):
+            return base_step(self, *args, **kwargs)
         c_x, c_eps = self._qsched_factors(_bound_timestep(step_signature, self, args, kwargs))
         if c_x == 1.0 and c_eps == 1.0:
             return base_step(self, *args, **kwargs)
@@ -133,7 +149,8 @@ def _make_wrapped_class(base: type) -> type:
         self._qsched_active = None
         result = base_set_timesteps(self, *args, **kwargs)
         coefficients = self._qsched_coefficients
-        coefficients.check_steps(len(self.timesteps))
+        if coefficients is not None and not coefficients.is_identity:
+            coefficients.check_steps(len(self.timesteps))
         self._qsched_active = coefficients
         return result
 
@@ -142,6 +159,7 @@ def _make_wrapped_class(base: type) -> type:
         "__qualname__": base.__qualname__,
         "__doc__": f"{base.__name__} with Q-Sched coefficients (made by qsched.wrap).",
         "_qsched_base": base,
+        "_qsched_factory": wrapped_class,
         "_qsched_coefficients": None,
         "_qsched_active": None,
         "step": step,
@@ -150,8 +168,34 @@ def _make_wrapped_class(base: type) -> type:
         "qsched_coefficients": property(lambda self: self._qsched_coefficients),
         "_qsched_factors": _factors,
         "__repr__": _repr,
+        "__reduce_ex__": _reduce_ex,
     }
     return type(base.__name__, (base,), namespace)
+
+
+def _is_transparent(scheduler: Any) -> bool:
+    """True when the step needs no coefficient: none set, or all ones (for this run, or before any)."""
+    coefficients = scheduler._qsched_active
+    if coefficients is None:
+        coefficients = scheduler._qsched_coefficients
+        # Real coefficients set but no run started: _factors refuses it.
+        return coefficients is None or coefficients.is_identity
+    return coefficients.is_identity
+
+
+def _reduce_ex(self: Any, protocol: Any) -> tuple:
+    """Pickle by the plain class and the factory of the run-time subclass, plus the instance state.
+
+    The subclass is made at run time and shares the plain class's name, so pickle
+    could not find it by name; :func:`_rebuild` makes it again on the other side.
+    """
+    cls = type(self)
+    return _rebuild, (cls._qsched_factory, cls._qsched_base), dict(self.__dict__)
+
+
+def _rebuild(factory: Any, base: type) -> Any:
+    cls = factory(base)
+    return cls.__new__(cls)
 
 
 def _set_coefficients(self: Any, coefficients: QSchedCoefficients) -> None:
@@ -164,7 +208,10 @@ def _set_coefficients(self: Any, coefficients: QSchedCoefficients) -> None:
 def _factors(self: Any, timestep: Any) -> tuple[float, float]:
     coefficients = self._qsched_active
     if coefficients is None:
-        raise QSchedError("step() was called before set_timesteps(); call set_timesteps first")
+        raise QSchedError(
+            "step() was called before set_timesteps(); with Q-Sched coefficients call set_timesteps "
+            "first, so that each coefficient meets the step it was calibrated for"
+        )
     index = step_index_of(self, timestep)
     if not 0 <= index < coefficients.num_steps:
         raise QSchedError(

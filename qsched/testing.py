@@ -101,36 +101,36 @@ def _t5_tokenizer() -> Any:
 def _clip_text_config(tokenizer: Any, **overrides: Any) -> Any:
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=_CLIP_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **overrides,
-    )
+    kwargs: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": _HIDDEN,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": _CLIP_MAX_LENGTH,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return CLIPTextConfig(**(kwargs | overrides))
 
 
 def _vae(*, latent_channels: int = 4, **overrides: Any) -> Any:
     """A 2-level AutoencoderKL: downsamples by 2, so 32x32 images give 16x16 latents."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=2,
-        sample_size=TINY_IMAGE_SIZE,
-        **overrides,
-    )
+    kwargs: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (4, 8),
+        "layers_per_block": 1,
+        "latent_channels": latent_channels,
+        "norm_num_groups": 2,
+        "sample_size": TINY_IMAGE_SIZE,
+    }
+    return AutoencoderKL(**(kwargs | overrides))
 
 
 def _sd_unet(**overrides: Any) -> Any:

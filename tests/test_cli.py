@@ -140,3 +140,76 @@ def test_train_forwards_to_the_stage(tmp_path, capsys):
     assert code == 0, err
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert run(capsys, "train", "bogus")[0] == 2
+
+
+def test_bad_checkpoints_and_packed_files_exit_2_and_write_nothing(tiny_pipeline_path, tmp_path, capsys):
+    import shutil
+
+    lcm = tiny_pipeline_path("lcm")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(lcm, truncated)
+    weights = next((truncated / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-64])
+    other = tmp_path / "sdxl-w4a8.safetensors"
+    assert run(capsys, "quantize", "--model", str(tiny_pipeline_path("sdxl-turbo")), "--quant", "w4a8",
+               "--out", str(other))[0] == 0
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    gen = ["generate", "a shoe", "--out", str(out), "--no-progress"]
+    cases = [
+        ([*gen, "--model", str(truncated), "--quant", "w4a8"], "truncated"),
+        (["quantize", "--model", str(truncated), "--quant", "w4a8", "--out", str(out / "x.safetensors")], "truncated"),
+        ([*gen, "--model", str(lcm), "--packed", str(other)], "was made from another model configuration"),
+        ([*gen, "--model", str(lcm), "--packed", str(next((lcm / "unet").glob("*.safetensors")))],
+         "is not a qsched packed checkpoint"),
+        (["quantize", "--model", str(lcm), "--quant", "w4a8", "--out", str(blocker / "x.safetensors")],
+         "which is a file, not a folder"),
+        ([*gen, "--model", str(lcm), "--quant", "w4a8", "--quantize-modules", "denoiser,nope"], "no component 'nope'"),
+        ([*gen, "--model", str(lcm), "--quant", "w4a8", "--quantize-modules", "vae,vae"], "names a component twice"),
+        ([*gen, "--model", str(lcm), "--backend", "int3"], "invalid choice: 'int3'"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "sdxl-w4a8.safetensors", "truncated"]
+
+
+OUT_UNDER_A_FILE = {
+    "generate": ["generate", "x", "--out", "{out}"],
+    "calibrate": ["calibrate", "--out", "{out}"],
+    "evaluate": ["evaluate", "--out", "{out}"],
+    "quantize": ["quantize", "--quant", "w4a8", "--out", "{out}.safetensors"],
+    "tiny": ["tiny", "lcm", "--out", "{out}"],
+    "train-teacher": ["train", "teacher", "--steps", "1", "--out", "{out}"],
+    "train-student": ["train", "student", "--steps", "1", "--out", "{out}"],
+    "train-clip": ["train", "clip", "--steps", "1", "--out", "{out}"],
+    "train-ship": ["train", "ship", "{model}", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_UNDER_A_FILE))
+def test_out_under_a_file_is_one_line_exit_2(tiny_pipeline_path, tmp_path, capsys, command):
+    model = str(tiny_pipeline_path("lcm"))
+    (tmp_path / "A").write_text("a file, not a folder\n")
+    argv = [a.format(out=tmp_path / "A" / "B", model=model) for a in OUT_UNDER_A_FILE[command]]
+    if argv[0] in ("generate", "calibrate", "evaluate", "quantize"):
+        argv += ["--model", model]
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert f"lies under {tmp_path / 'A'}, which is a file, not a folder" in err
+    assert (tmp_path / "A").read_text() == "a file, not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+
+
+def test_prepare_output_dir_refuses_a_path_under_a_file(tmp_path):
+    from qsched.errors import QSchedError
+    from qsched.outdir import prepare_output_dir
+
+    (tmp_path / "A").write_text("x")
+    with pytest.raises(QSchedError, match="lies under .*A, which is a file"):
+        prepare_output_dir(tmp_path / "A" / "B" / "C", overwrite=True, owned=())
+    with pytest.raises(QSchedError, match="exists and is not a folder"):
+        prepare_output_dir(tmp_path / "A", overwrite=True, owned=())

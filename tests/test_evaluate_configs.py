@@ -40,3 +40,9 @@ def test_metrics_parse_and_refuse_unknown():
     assert parse_metrics("fid, clip,fid") == ("fid", "clip")
     with pytest.raises(QSchedError, match="unknown metric 'lpips'; allowed: fid, mse, size, .*clip, clipiqa"):
         parse_metrics("fid,lpips")
+
+
+def test_reference_presets_are_configurations():
+    configs = parse_configs("w4a8-ref,w4a4-ref+ptqd")
+    assert [c.name for c in configs] == ["fp", "w4a8-ref", "w4a4-ref+ptqd"]
+    assert configs[1].recipe == parse_preset("w4a8-ref") and configs[2].correction == "ptqd"

@@ -46,6 +46,26 @@ def test_torchao_agrees_with_fake(preset: str) -> None:
     assert rel_err(y_real, y_fake) < 2 * err_fake
 
 
+def test_torchao_w4a8_ref_agrees_with_fake_to_float_rounding() -> None:
+    """w4a8-ref is torchao's Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) exactly."""
+    pytest.importorskip("torchao")
+    recipe = parse_preset("w4a8-ref")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 64, generator=g) * 3 + 0.5  # asymmetric activations: a shifted range
+    ref, fake, real = mlp(), mlp(), mlp()
+    quantize(fake, recipe)
+    quantize(real, recipe, backend="torchao")
+    for i in (0, 2):
+        torchao_weight = real[i].weight
+        assert torchao_weight.qdata.min().item() == -8  # the full-range int4 grid
+        assert torch.equal(fake[i].weight, torchao_weight.dequantize())
+        assert torch.equal(getattr(fake[i], "qsched_weight_scale"), torchao_weight.scale.reshape(fake[i].qsched_weight_scale.shape))
+    with torch.inference_mode():
+        y_ref, y_fake, y_real = ref(x), fake(x), real(x)
+    assert torch.allclose(y_fake, y_real, rtol=0, atol=1e-6)
+    assert rel_err(y_fake, y_ref) > 1e-3  # and it did quantize
+
+
 def test_torchao_refusals() -> None:
     pytest.importorskip("torchao")
     model = conv_net()
@@ -58,6 +78,8 @@ def test_torchao_refusals() -> None:
         quantize(mlp(), dataclasses.replace(parse_preset("w4a16"), **LINEAR_ONLY), backend="torchao")
     with pytest.raises(QSchedError, match="per-channel weights only"):
         quantize(mlp(), QuantRecipe(weight_bits=8, act_bits=8, group_size=32, **LINEAR_ONLY), backend="torchao")
+    with pytest.raises(QSchedError, match=r"'w4a4-ref'.*one scale per token, not 4 groups"):
+        quantize(mlp(), parse_preset("w4a4-ref"), backend="torchao")
     with pytest.raises(QSchedError, match="activation-only"):
         quantize(mlp(), QuantRecipe(weight_bits=16, act_bits=8, **LINEAR_ONLY), backend="torchao")
 
@@ -70,7 +92,7 @@ def test_torchao_grouped_w4a8_and_no_packed_export(tmp_path: Path) -> None:
         assert model(torch.randn(3, 64)).shape == (3, 32)
     with pytest.raises(QSchedError, match="already quantized"):
         quantize(model, parse_preset("w8a8"))
-    with pytest.raises(QSchedError, match="backend='fake'"):
+    with pytest.raises(QSchedError, match="backend 'packed' or 'fake'"):
         save_packed(model, tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())
 

@@ -8,7 +8,15 @@ from torch import nn
 
 from qsched.errors import QSchedError
 from qsched.quant import QuantRecipe, is_quantized, parse_preset, quantize
-from qsched.quant.fake import SCALE_BUFFER, fake_quantize_activation, quantize_weight
+from qsched.quant.fake import (
+    SCALE_BUFFER,
+    code_range,
+    fake_quantize_activation,
+    make_activation_quantizer,
+    plan_layers,
+    quantize_activation,
+    quantize_weight,
+)
 
 
 def tiny_unet() -> nn.Module:
@@ -249,3 +257,78 @@ def test_half_precision_model() -> None:
     assert model[2].weight.dtype == torch.bfloat16
     out = model(torch.randn(2, 4, 4, 4, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_full_range_weight_grid_is_torchaos() -> None:
+    # amax 0.75 -> scale 0.75 / 7.5 = 0.1; +-7.5 rounds half to even: +8 (clamped to 7) and -8
+    w = torch.tensor([[0.75, -0.75, 0.31, -0.04]])
+    codes, scale = quantize_weight(w, bits=4, group_size=4, full_range=True)
+    assert torch.allclose(scale, torch.tensor([[0.1]]))
+    assert codes.tolist() == [[7.0, -8.0, 3.0, -0.0]]
+    assert code_range(4, full_range=True) == (-8, 7) and code_range(4) == (-7, 7)
+    assert code_range(8, full_range=True) == (-128, 127)
+    narrow, _ = quantize_weight(w, bits=4, group_size=4)  # scale 0.75 / 7
+    assert narrow.tolist() == [[7.0, -7.0, 3.0, -0.0]]
+
+
+def test_asymmetric_activation_matches_hand_computation() -> None:
+    x = torch.tensor([[-0.3, 0.1, 0.45, 1.2], [0.2, 0.4, 0.6, 0.0]])
+    codes, scale, zero_point = quantize_activation(x, bits=4, dim=-1, symmetric=False)
+    # token 0: range [-0.3, 1.2] -> scale 1.5 / 15 = 0.1, zero point -8 - round(-3) = -5
+    #          codes round(x / 0.1) - 5: [-8, -4, -1 (4.5 -> 4, half to even), 7]
+    # token 1: range [0, 0.6] (always holds 0) -> scale 0.04, zero point -8: codes [-3, 2, 7, -8]
+    assert torch.allclose(scale.reshape(-1), torch.tensor([0.1, 0.04]))
+    assert zero_point.reshape(-1).tolist() == [-5.0, -8.0]
+    assert codes.tolist() == [[-8.0, -4.0, -1.0, 7.0], [-3.0, 2.0, 7.0, -8.0]]
+    expected = torch.tensor([[-0.3, 0.1, 0.4, 1.2], [0.2, 0.4, 0.6, 0.0]])
+    assert torch.allclose(fake_quantize_activation(x, bits=4, dim=-1, symmetric=False), expected, atol=1e-6)
+
+
+def test_activation_groups_per_token_and_per_pixel() -> None:
+    x = torch.tensor([[0.7, 0.26, 0.014, -0.07]])
+    # two groups: scales 0.7/7 = 0.1 and 0.07/7 = 0.01; one group: scale 0.1 for all four
+    two = fake_quantize_activation(x, bits=4, dim=-1, groups=2)
+    one = fake_quantize_activation(x, bits=4, dim=-1)
+    assert torch.allclose(two, torch.tensor([[0.7, 0.3, 0.01, -0.07]]), atol=1e-6)
+    assert torch.allclose(one, torch.tensor([[0.7, 0.3, 0.0, -0.1]]), atol=1e-6)
+    # Conv2d: groups of channels at each pixel
+    image = x.reshape(1, 4, 1, 1).repeat(1, 1, 2, 3)
+    assert torch.allclose(fake_quantize_activation(image, bits=4, dim=-3, groups=2), two.reshape(1, 4, 1, 1).expand(1, 4, 2, 3), atol=1e-6)
+    with pytest.raises(QSchedError, match="act_groups=3 does not divide the 4 input features"):
+        fake_quantize_activation(x, bits=4, dim=-1, groups=3)
+
+
+def test_plan_carries_the_activation_options_to_the_quantizer() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+    recipe = QuantRecipe(weight_bits=4, act_bits=4, act_groups=2, act_symmetric=False, full_range=True, **NO_SKIP)
+    plans, _ = plan_layers(model, recipe)
+    assert [(p.full_range, p.act_symmetric, p.act_groups) for p in plans] == [(True, False, 2)] * 2
+    quantizer = make_activation_quantizer(plans[0])
+    assert (quantizer.bits, quantizer.dim, quantizer.symmetric, quantizer.groups, quantizer.full_range) == (4, -1, False, 2, True)
+    x = torch.randn(3, 8)
+    assert torch.equal(quantizer.quantize(x), fake_quantize_activation(x, bits=4, dim=-1, symmetric=False, groups=2))
+    with pytest.raises(QSchedError, match=r"act_groups=3 does not divide the input features of layer '0' \(Linear with 8"):
+        quantize(nn.Sequential(nn.Linear(8, 8)), QuantRecipe(weight_bits=4, act_bits=4, act_groups=3, **NO_SKIP))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_half_precision_activations_stay_on_the_int8_grid(dtype: torch.dtype, symmetric: bool) -> None:
+    # In bfloat16, 1.328125 / (1.328125 / 127) rounds to 128: outside [-127, 127].
+    x = torch.tensor([[1.328125, 0.1, -0.5]], dtype=torch.bfloat16)
+    naive_scale = x.abs().amax(-1, keepdim=True) / 127
+    assert (x / naive_scale).round().abs().max().item() == 128.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([x.float(), torch.randn(200, 3, generator=g) * 4]).to(dtype)
+    codes, scale, zero_point = quantize_activation(x, bits=8, dim=-1, symmetric=symmetric)
+    assert codes.dtype == scale.dtype == torch.float32
+    lo, hi = (-127, 127) if symmetric else (-128, 127)
+    assert lo <= codes.min().item() and codes.max().item() <= hi
+    assert torch.equal(codes, codes.round())
+    # the extreme lands on the grid's end: +-amax on +-127, or a token's negative minimum on -128
+    assert codes.abs().max().item() == (127 if symmetric else 128)
+    # the result is the float32 computation, cast back
+    out = fake_quantize_activation(x, bits=8, dim=-1, symmetric=symmetric)
+    assert out.dtype == dtype
+    assert torch.equal(out, fake_quantize_activation(x.float(), bits=8, dim=-1, symmetric=symmetric).to(dtype))
+    assert (out.float() - x.float()).abs().max().item() <= scale.max().item()  # at most a step off

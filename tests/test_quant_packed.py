@@ -50,7 +50,7 @@ def test_int4_packing_round_trip() -> None:
     assert pack_int4(torch.tensor([-7, 7], dtype=torch.int8)).tolist() == [0x01 | (0x0F << 4)]
 
 
-@pytest.mark.parametrize("preset", ["w4a8", "w8a8", "w4a16", "w4a4"])
+@pytest.mark.parametrize("preset", ["w4a8", "w8a8", "w4a16", "w4a4", "w4a4-ref"])
 def test_unet_round_trip_bit_identical(tmp_path: Path, preset: str) -> None:
     model = tiny_unet()
     report = quantize(model, parse_preset(preset))
@@ -86,6 +86,22 @@ def test_grouped_round_trip_and_header(tmp_path: Path) -> None:
     fresh = big_mlp(seed=1)
     load_packed(fresh, path)
     assert_same_model(model, fresh)
+    x = torch.randn(3, 4, 512)
+    assert torch.equal(fresh[:4](x), model[:4](x))
+
+
+def test_full_range_codes_round_trip(tmp_path: Path) -> None:
+    """w4a8-ref's torchao grid uses code -8, which the nibble stores as 0."""
+    model = big_mlp()
+    quantize(model, parse_preset("w4a8-ref"))
+    path = save_packed(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as f:
+        codes = unpack_int4(f.get_tensor("0.weight.qsched_codes"), 512 * 512)
+    assert codes.min().item() == -8 and codes.max().item() == 7
+    fresh = big_mlp(seed=1)
+    load_packed(fresh, path)
+    assert_same_model(model, fresh)
+    assert read_packed_recipe(path).name == "w4a8-ref"
     x = torch.randn(3, 4, 512)
     assert torch.equal(fresh[:4](x), model[:4](x))
 

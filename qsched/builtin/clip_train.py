@@ -45,6 +45,7 @@ from qsched.builtin.clip import (
     QUALITY_PROMPTS,
 )
 from qsched.errors import QSchedError
+from qsched.outdir import make_folder
 
 #: caption forms that state a quality claim, with or without the class phrase
 QUALITY_CLASS_TEMPLATES = ("{a} {q} photo of {p}", "{a} {q} image of {p}", "{a} {q} picture of {p}")
@@ -417,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = ClipSpec(vision_width=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_width=32, text_layers=1, text_heads=2, text_mlp=64, projection_dim=32) if args.tiny else ClipSpec()
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, spec=spec)
     log_file = (args.out / "train.log")
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(args.out)
+    except QSchedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"

@@ -26,6 +26,7 @@ from qsched.builtin.data import DEFAULT_ROOT, load_split, to_model_range
 from qsched.builtin.text import encode_prompts, load_text_encoder, load_tokenizer
 from qsched.builtin.unet import patchify
 from qsched.errors import QSchedError
+from qsched.outdir import check_output_path, make_folder
 
 logger = logging.getLogger("qsched.builtin.train")
 
@@ -62,7 +63,7 @@ def setup_run(opts: RunOptions) -> Path:
         raise QSchedError(f"{ckpt} already exists; pass --resume to continue it or choose another --out")
     if opts.resume and not (ckpt / "state.json").is_file():
         raise QSchedError(f"--resume given but no checkpoint in {ckpt}; run without --resume to start")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     torch.set_num_threads(opts.threads)
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
@@ -324,6 +325,7 @@ def ship_pipeline(src: str | Path, dst: str | Path, *, fp16: bool = True) -> Pat
     src, dst = Path(src), Path(dst)
     if not (src / "model_index.json").is_file():
         raise QSchedError(f"{src} is not a pipeline folder (no model_index.json)")
+    check_output_path(dst, option="DST")
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("unet"))
     unet = UNet2DConditionModel.from_pretrained(str(src / "unet"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, model_options, non_negative_int, positive_int
+from qsched.cli.options import PRESET_NAMES, add_model_options, model_options, non_negative_int, output_folder, positive_int
 
 DEFAULT_QUANT = "w4a8"
 
@@ -28,7 +28,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
                         help="calibration prompts: .txt, .json, .yaml, .csv (default: the 16 built-in ones)")
     add_model_options(
         parser, packed=False,
-        quant_help=f"fp, w8a8, w4a8, w4a4, w4a16, w8a16 (default: {DEFAULT_QUANT}; fp needs --allow-fp)",
+        quant_help=f"{PRESET_NAMES} (default: {DEFAULT_QUANT}; fp needs --allow-fp; see docs/quantization.md)",
     )
     group = parser.add_argument_group("search")
     group.add_argument("--search", default="grid", choices=STRATEGIES, help="strategy (default: %(default)s, the paper's)")
@@ -66,7 +66,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--allow-fp", action="store_true",
                         help="calibrate the full-precision model on purpose (a control; never the default)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="start over in an existing --out (deletes its study)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)

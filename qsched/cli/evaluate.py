@@ -8,7 +8,14 @@ import subprocess
 import sys
 from typing import Any
 
-from qsched.cli.options import DEFAULT_MODEL, model_options, non_negative_int, positive_int
+from qsched.cli.options import (
+    DEFAULT_MODEL,
+    add_backend_options,
+    model_options,
+    non_negative_int,
+    output_folder,
+    positive_int,
+)
 
 BUILTIN_EVALUATION_PROMPTS = "qsched/builtin/evaluation_prompts.txt"
 
@@ -59,12 +66,12 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--width", type=positive_int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--backend", default="fake", help="quantization backend (default: fake)")
+    add_backend_options(parser)
     parser.add_argument("--num-processes", type=positive_int, default=1,
                         help="split generation and features across P processes (started with torch.distributed.run)")
     parser.add_argument("--keep-going", action="store_true", help="record a metric that cannot load as failed and go on")
     parser.add_argument("--grid-prompts", type=positive_int, default=8, help="prompts shown in grid.png")
-    parser.add_argument("--out", required=True, help="output folder (rerun with the same settings to resume)")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder (rerun with the same settings to resume)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
 

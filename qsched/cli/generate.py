@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qsched.cli.options import add_model_options, model_options, non_negative_int, parse_quant, positive_int
+from qsched.cli.options import (
+    add_model_options,
+    model_options,
+    non_negative_int,
+    output_folder,
+    parse_quant,
+    positive_int,
+)
 
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
@@ -21,7 +28,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--card", default=None, help="schedule card (JSON) with Q-Sched coefficients")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder (must be new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)

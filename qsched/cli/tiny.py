@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from qsched.cli.options import output_folder
+
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
@@ -15,7 +17,7 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
         "Its images are noise; it exercises the same code paths as the real model.",
     )
     parser.add_argument("family", help="lcm, pcm-sd15, sdxl-turbo, pcm-sdxl, flux-schnell")
-    parser.add_argument("--out", required=True, help="folder to save the pipeline in (must be new or empty)")
+    parser.add_argument("--out", required=True, type=output_folder, help="folder to save the pipeline in (must be new or empty)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run)
 

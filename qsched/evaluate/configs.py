@@ -27,7 +27,7 @@ CORRECTIONS = ("none", "card", "qsched", "ptqd")
 #: The paper's comparison plus ``fp+qsched``, full precision with its own calibrated
 #: coefficients: the control without which a gain cannot be called quantization-specific.
 DEFAULT_CONFIGS = ("fp", "fp+qsched", "w8a8", "w4a8", "w4a8+qsched", "w4a4", "w4a4+qsched")
-_NAME = re.compile(r"^(?P<preset>[a-z0-9]+)(?:\+(?P<correction>[a-z]+))?$")
+_NAME = re.compile(r"^(?P<preset>[a-z0-9-]+)(?:\+(?P<correction>[a-z]+))?$")
 
 
 @dataclass(frozen=True)

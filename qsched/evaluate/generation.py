@@ -25,6 +25,7 @@ from qsched.errors import QSchedError
 from qsched.evaluate.configs import EvalConfig
 from qsched.evaluate.parallel import Workers
 from qsched.generate import batches, image_seed, sample
+from qsched.outdir import check_output_path
 from qsched.prepare import PreparedPipeline
 from qsched.provenance import write_json_atomic
 
@@ -57,6 +58,7 @@ def prompts_digest(prompts: Sequence[str]) -> str:
 
 def check_manifest(out: Path, spec: EvalSpec) -> None:
     """Refuse ``out`` if it holds another evaluation, naming what differs; a new folder passes."""
+    check_output_path(out)
     path = out / MANIFEST
     if not path.is_file():
         if out.is_dir() and (out / "images").exists():

@@ -43,6 +43,7 @@ from qsched.evaluate.metrics import (
 )
 from qsched.evaluate.parallel import Workers, current_workers
 from qsched.evaluate.report import plot_bars, plot_grid, relative_change, results_table, write_markdown
+from qsched.outdir import make_folder
 from qsched.prepare import ModelOptions, PreparedPipeline, prepare_pipeline
 from qsched.provenance import package_versions, sha256_file, write_json_atomic
 
@@ -113,7 +114,7 @@ def evaluate(settings: EvalSettings, *, workers: Workers | None = None) -> EvalR
     suite = build_suite(settings.metrics, settings.metric_settings, family=fp.family, device=device,
                         keep_going=settings.keep_going, need_reference=workers.is_main, progress=settings.progress)
     if workers.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         write_manifest(out, spec, settings.configs)
     workers.barrier()
 

@@ -9,12 +9,15 @@ refuse with a :class:`~qsched.errors.QSchedError` before touching the model.
 backend    recipes              notes
 =========  ===================  ==========================================================
 torchao    w8a8 (per channel)   ``Int8DynamicActivationInt8WeightConfig``: int8 per-row
-                                weights, int8 per-token symmetric activations. CPU and GPU.
-                                On this CPU ~5x slower than fp32 (reference kernels).
-torchao    w4a8 (per channel    ``Int8DynamicActivationIntxWeightConfig(weight_dtype=int4)``:
-           or group_size)       symmetric int4 weights; activations int8 per token but
-                                *asymmetric* (torchao requires it). Stored unpacked in int8
-                                (no size saving). CPU and GPU.
+                                weights, int8 per-token activations (symmetric, or asymmetric
+                                with ``act_symmetric=False``). CPU and GPU. On this CPU ~5x
+                                slower than fp32 (reference kernels).
+torchao    w4a8, w4a8-ref       ``Int8DynamicActivationIntxWeightConfig(weight_dtype=int4)``:
+           (per channel or      symmetric int4 weights; activations int8 per token but
+           group_size)          *asymmetric* (torchao requires it). Stored unpacked in int8
+                                (no size saving). CPU and GPU. ``w4a8-ref`` (full-range grid,
+                                asymmetric activations, groups of 32) is exactly this
+                                config: it agrees with the fake backend to float rounding.
 torchao    w8a16                ``Int8WeightOnlyConfig``: int8 per-row weights. CPU and GPU.
 torchao    w4a16 (GPU only)     ``Int4WeightOnlyConfig(group_size=G)``, CUDA only; G
                                 defaults to 128 when the recipe has no group size.
@@ -24,11 +27,13 @@ quanto     w4a16                ``quantize(weights=qint4)``: quanto's own int4 l
                                 (asymmetric, groups of up to 128), Linear and Conv2d.
 =========  ===================  ==========================================================
 
-torchao's symmetric grid differs slightly from the reference: its scale is
-``amax / ((2**b - 1) / 2)`` with codes in ``[-2**(b-1), 2**(b-1) - 1]`` (e.g.
-amax/7.5 and [-8, 7] for int4) where the fake backend uses ``amax / (2**(b-1) - 1)``
-and ``[-(2**(b-1) - 1), 2**(b-1) - 1]``. Individual roundings differ; the error
-level is the same (tested).
+torchao's symmetric grid is the recipe's ``full_range=True`` grid: scale
+``amax / ((2**b - 1) / 2)`` with codes in ``[-2**(b-1), 2**(b-1) - 1]`` (amax/7.5 and
+[-8, 7] for int4). qsched's own presets use the narrow grid, ``amax / (2**(b-1) - 1)``
+and ``[-(2**(b-1) - 1), 2**(b-1) - 1]``, and symmetric activations: with them
+individual roundings differ from torchao's, the error level is the same (tested).
+torchao has one activation scale per token: ``act_groups > 1`` (``w4a4-ref``) is
+refused.
 
 torchao quantizes Linear layers only: a recipe that would also quantize Conv2d
 layers of the model is refused (use ``module_types=("Linear",)``, or the fake or
@@ -84,15 +89,19 @@ def torchao_config(recipe: QuantRecipe, *, device: torch.device) -> object:
     )
 
     w, a, g = recipe.weight_bits, recipe.act_bits, recipe.group_size
+    if a < 16 and recipe.act_groups != 1:
+        raise _refuse("torchao", recipe, f"its activations have one scale per token, not {recipe.act_groups} groups")
     if (w, a) == (8, 8):
         if g is not None:
             raise _refuse("torchao", recipe, "its int8 W8A8 kernel has per-channel weights only (group_size=None)")
-        return Int8DynamicActivationInt8WeightConfig()
+        act = MappingType.SYMMETRIC if recipe.act_symmetric else MappingType.ASYMMETRIC
+        return Int8DynamicActivationInt8WeightConfig(act_mapping_type=act)
     if (w, a) == (4, 8):
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4,
             weight_granularity=PerAxis(0) if g is None else PerGroup(g),
             weight_mapping_type=MappingType.SYMMETRIC,
+            act_mapping_type=MappingType.ASYMMETRIC,  # the only one its int4 path implements
         )
     if (w, a) == (8, 16):
         if g is not None:

@@ -31,7 +31,7 @@ from qsched.quant.report import (
 SCALE_BUFFER = "qsched_weight_scale"
 _MARKER = "_qsched_quant"
 RECIPE_ATTR = "_qsched_recipe"  # the recipe, kept on the root module passed to quantize()
-BACKENDS: tuple[str, ...] = ("fake", "torchao", "quanto")
+BACKENDS: tuple[str, ...] = ("packed", "fake", "torchao", "quanto")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class LayerPlan:
     act_bits: int  # 16 = input kept
     group_size: int  # effective group size (the flattened input size if per channel)
     kept_reason: str  # why the weight is kept ("" when quantized)
+    full_range: bool = False  # codes in [-2**(b-1), 2**(b-1) - 1] (torchao's grid), else narrow
+    act_symmetric: bool = True  # False: asymmetric activations with a zero point
+    act_groups: int = 1  # scales per token (Linear) or per pixel (Conv2d)
 
     @property
     def quantizes_weight(self) -> bool:
@@ -72,6 +75,16 @@ def layer_type(module: nn.Module) -> str:
 def qmax(bits: int) -> int:
     """Largest integer code of symmetric ``bits``-bit quantization (7 for 4 bits)."""
     return 2 ** (bits - 1) - 1
+
+
+def code_range(bits: int, *, full_range: bool = False) -> tuple[int, int]:
+    """Smallest and largest code: ``(-qmax, qmax)`` on the narrow grid, ``(-qmax - 1, qmax)`` on the full one."""
+    return (-qmax(bits) - 1 if full_range else -qmax(bits)), qmax(bits)
+
+
+def _symmetric_divisor(bits: int, full_range: bool) -> float:
+    """``amax / divisor`` is the scale: ``qmax`` (narrow) or ``(2**b - 1) / 2`` (full, torchao)."""
+    return (2**bits - 1) / 2 if full_range else float(qmax(bits))
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -109,6 +122,7 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> tuple[list[LayerPlan],
     """
     plans: list[LayerPlan] = []
     bad_groups: list[str] = []
+    bad_act_groups: list[str] = []
     for name, module in model.named_modules():
         if next(module.parameters(recurse=False), None) is None:
             continue
@@ -130,7 +144,18 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> tuple[list[LayerPlan],
             group = recipe.group_size
             if in_flat % group:
                 bad_groups.append(f"{name!r} ({kind} {tuple(module.weight.shape)}, input size {in_flat})")
-        plans.append(LayerPlan(name, module, kind, plan[0], plan[1], group, plan[2]))
+        if plan[1] < 16 and recipe.act_groups > 1:
+            features = module.weight.shape[1]  # Linear in_features, Conv2d in_channels
+            if features % recipe.act_groups:
+                bad_act_groups.append(f"{name!r} ({kind} with {features} input features)")
+        plans.append(LayerPlan(name, module, kind, plan[0], plan[1], group, plan[2], recipe.full_range,
+                               recipe.act_symmetric, recipe.act_groups))
+    if bad_act_groups:
+        raise QSchedError(
+            f"act_groups={recipe.act_groups} does not divide the input features of layer {bad_act_groups[0]}"
+            + (f" and {len(bad_act_groups) - 1} more" if len(bad_act_groups) > 1 else "")
+            + "; choose a number of activation groups dividing them, or skip those layers"
+        )
     if bad_groups:
         raise QSchedError(
             f"group_size={recipe.group_size} does not divide the input size of layer "
@@ -147,14 +172,19 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> tuple[list[LayerPlan],
 
 
 def quantize_weight(
-    weight: torch.Tensor, *, bits: int, group_size: int
+    weight: torch.Tensor, *, bits: int, group_size: int, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest codes (float, shape ``[out, in_flat]``) and fp32 scales ``[out, n_groups]``."""
+    """Symmetric round-to-nearest codes (float, shape ``[out, in_flat]``) and fp32 scales ``[out, n_groups]``.
+
+    Codes lie in :func:`code_range` (``[-8, 7]`` at most for 4 bits, so ``code + 8`` fits a nibble).
+    """
     out = weight.shape[0]
     grouped = weight.detach().reshape(out, -1, group_size).float()
-    scale = grouped.abs().amax(dim=-1) / qmax(bits)
+    scale = grouped.abs().amax(dim=-1) / _symmetric_divisor(bits, full_range)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(grouped / scale.unsqueeze(-1)).clamp_(-qmax(bits), qmax(bits))
+    # x * (1 / scale), as torchao computes it: on the full grid amax lands on 7.5 and the
+    # last float bit decides between codes 7 and 8 (then clamped), so the arithmetic must match.
+    codes = torch.round(grouped * scale.reciprocal().unsqueeze(-1)).clamp_(*code_range(bits, full_range=full_range))
     return codes.reshape(out, -1), scale
 
 
@@ -167,35 +197,85 @@ def dequantize_weight(
     return deq.reshape(shape).to(dtype)
 
 
-def fake_quantize_activation(x: torch.Tensor, *, bits: int, dim: int) -> torch.Tensor:
-    """Symmetric dynamic fake quantization with one scale per slice along ``dim``'s complement.
+def _grouped_shape(shape: torch.Size, d: int, groups: int) -> tuple[int, ...]:
+    """``shape`` with dimension ``d`` split into ``(groups, shape[d] // groups)``."""
+    if shape[d] % groups:
+        raise QSchedError(f"act_groups={groups} does not divide the {shape[d]} input features")
+    return (*shape[:d], groups, shape[d] // groups, *shape[d + 1:])
 
-    ``dim`` is the reduced dimension: -1 (features) gives one scale per token,
-    -3 (channels of ``[N, C, H, W]``) one scale per pixel.
+
+def quantize_activation(
+    x: torch.Tensor, *, bits: int, dim: int, symmetric: bool = True, groups: int = 1, full_range: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dynamic quantization of ``x``: float32 ``codes``, ``scale`` and ``zero_point`` (None if symmetric).
+
+    ``dim`` is the reduced dimension: -1 (features) gives one scale per token, -3
+    (channels of ``[N, C, H, W]``) one per pixel; ``groups`` splits it into that many
+    groups of consecutive features with a scale each. ``codes`` has ``x``'s shape;
+    ``scale`` and ``zero_point`` have ``dim`` split into ``(groups, 1)``. The arithmetic
+    runs in float32 whatever ``x``'s dtype: in bfloat16, ``x / (amax / 127)`` can round
+    to 128, outside the int8 grid. Codes are clamped to the grid all the same.
     """
-    # abs().amax() is ~30x faster on CPU than linalg.vector_norm(ord=inf) (torch 2.13).
-    amax = x.abs().amax(dim=dim, keepdim=True)
-    scale = (amax / qmax(bits)).clamp_min(torch.finfo(x.dtype).tiny)
-    # |x| / scale <= qmax up to rounding, so no clamp is needed.
-    q = x / scale
-    q.round_()
-    return q.mul_(scale)
+    d = dim % x.dim()
+    xf = x.float().reshape(_grouped_shape(x.shape, d, groups))
+    lo, hi = code_range(bits, full_range=full_range or not symmetric)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        # abs().amax() is ~30x faster on CPU than linalg.vector_norm(ord=inf) (torch 2.13).
+        amax = xf.abs().amax(dim=d + 1, keepdim=True)
+        scale = (amax / _symmetric_divisor(bits, full_range)).clamp_min_(tiny)
+        codes = (xf * scale.reciprocal()).round_().clamp_(lo, hi)
+        return codes.reshape(x.shape), scale, None
+    # Asymmetric (torchao's choose_qparams_affine, ASYMMETRIC): the range always holds 0.
+    low = xf.amin(dim=d + 1, keepdim=True).clamp_max_(0.0)
+    high = xf.amax(dim=d + 1, keepdim=True).clamp_min_(0.0)
+    scale = ((high - low) / float(hi - lo)).clamp_min_(tiny)
+    zero_point = (lo - torch.round(low / scale)).clamp_(lo, hi)
+    codes = (xf * scale.reciprocal()).round_().add_(zero_point).clamp_(lo, hi)
+    return codes.reshape(x.shape), scale, zero_point
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, *, bits: int, dim: int, symmetric: bool = True, groups: int = 1, full_range: bool = False
+) -> torch.Tensor:
+    """Quantize -> dequantize ``x`` (see :func:`quantize_activation`), returned in ``x``'s dtype."""
+    codes, scale, zero_point = quantize_activation(
+        x, bits=bits, dim=dim, symmetric=symmetric, groups=groups, full_range=full_range
+    )
+    grouped = codes.reshape(_grouped_shape(x.shape, dim % x.dim(), groups))
+    if zero_point is not None:
+        grouped = grouped.sub_(zero_point)
+    return grouped.mul_(scale).reshape(x.shape).to(x.dtype)
 
 
 class ActivationQuantizer:
-    """Forward pre-hook quantizing a layer's input (per token or per pixel)."""
+    """Forward pre-hook quantizing a layer's input (per token or per pixel, optionally in groups)."""
 
-    def __init__(self, *, bits: int, dim: int) -> None:
+    def __init__(
+        self, *, bits: int, dim: int, symmetric: bool = True, groups: int = 1, full_range: bool = False
+    ) -> None:
         self.bits = bits
         self.dim = dim
+        self.symmetric = symmetric
+        self.groups = groups
+        self.full_range = full_range
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             return None
-        return (fake_quantize_activation(args[0], bits=self.bits, dim=self.dim), *args[1:])
+        return (self.quantize(args[0]), *args[1:])
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized (same shape and dtype)."""
+        return fake_quantize_activation(
+            x, bits=self.bits, dim=self.dim, symmetric=self.symmetric, groups=self.groups, full_range=self.full_range
+        )
 
     def __repr__(self) -> str:
-        return f"ActivationQuantizer(bits={self.bits}, dim={self.dim})"
+        return (
+            f"ActivationQuantizer(bits={self.bits}, dim={self.dim}, symmetric={self.symmetric}, "
+            f"groups={self.groups}, full_range={self.full_range})"
+        )
 
 
 def make_activation_quantizer(plan: LayerPlan) -> ActivationQuantizer | None:
@@ -208,7 +288,9 @@ def make_activation_quantizer(plan: LayerPlan) -> ActivationQuantizer | None:
     if plan.act_bits >= 16:
         return None
     dim = -1 if plan.layer_type == "Linear" else -3
-    return ActivationQuantizer(bits=plan.act_bits, dim=dim)
+    return ActivationQuantizer(
+        bits=plan.act_bits, dim=dim, symmetric=plan.act_symmetric, groups=plan.act_groups, full_range=plan.full_range
+    )
 
 
 def attach(plan: LayerPlan, *, scale: torch.Tensor | None, backend: str, act_hook: bool = True) -> None:
@@ -230,7 +312,9 @@ def apply_fake(plans: list[LayerPlan]) -> None:
         scale = None
         if plan.quantizes_weight:
             weight = plan.module.weight
-            codes, scale = quantize_weight(weight, bits=plan.weight_bits, group_size=plan.group_size)
+            codes, scale = quantize_weight(
+                weight, bits=plan.weight_bits, group_size=plan.group_size, full_range=plan.full_range
+            )
             with torch.no_grad():
                 weight.copy_(dequantize_weight(codes, scale, shape=weight.shape, dtype=weight.dtype))
         attach(plan, scale=scale, backend="fake")
@@ -252,9 +336,11 @@ def build_report(
 def quantize(model: nn.Module, recipe: QuantRecipe, *, backend: str = "fake") -> QuantReport:
     """Quantize ``model`` in place according to ``recipe`` and report what was done.
 
-    ``backend="fake"`` (default) is the reference fake quantization; ``"torchao"``
-    and ``"quanto"`` use real kernels where they support the recipe (see
-    :mod:`qsched.quant.backends`). A model that is already quantized is refused;
+    ``backend="fake"`` (default) is the reference fake quantization (float weights on
+    the integer grid); ``"packed"`` replaces the quantized layers by packed layers that
+    hold only int4/int8 codes and scales and compute the same outputs (see
+    :mod:`qsched.quant.packed_modules`); ``"torchao"`` and ``"quanto"`` use real
+    kernels where they support the recipe (see :mod:`qsched.quant.backends`). A model that is already quantized is refused;
     nothing is changed when an error is raised.
     """
     if not isinstance(recipe, QuantRecipe):
@@ -264,6 +350,10 @@ def quantize(model: nn.Module, recipe: QuantRecipe, *, backend: str = "fake") ->
         )
     if backend not in BACKENDS:
         raise QSchedError(f"unknown quantization backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "packed":
+        from qsched.quant.stream import pack_model
+
+        return pack_model(model, recipe)
     refuse_quantized(model)
     plans, unmatched = plan_layers(model, recipe)
     if backend == "fake":

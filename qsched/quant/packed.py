@@ -17,6 +17,7 @@ architecture.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qsched.errors import QSchedError
@@ -37,13 +37,17 @@ from qsched.quant.fake import (
     LayerPlan,
     attach,
     build_report,
+    code_range,
     dequantize_weight,
     plan_layers,
-    qmax,
     refuse_quantized,
 )
+from qsched.quant.packed_modules import PackedLayer, encode_codes, pack_int4, unpack_int4
 from qsched.quant.recipe import QuantRecipe
+from qsched.quant.tensor_files import write_tensors
 from qsched.quant.report import QuantReport
+
+__all__ = ["pack_int4", "unpack_int4", "save_packed", "load_packed", "read_packed_recipe", "packed_size"]
 
 FORMAT = "qsched.packed"
 FORMAT_VERSION = "1"
@@ -51,68 +55,86 @@ CODES_SUFFIX = ".qsched_codes"
 SCALE_SUFFIX = ".qsched_scale"
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Integer codes in [-8, 7] -> flat uint8, two per byte (low nibble first)."""
-    flat = (codes.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int8 codes, flat, ``numel`` long."""
-    low = (packed & 0x0F).to(torch.int8) - 8
-    high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([low, high], dim=1).reshape(-1)[:numel]
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _quantized_plans(model: nn.Module) -> tuple[QuantRecipe, list[LayerPlan]]:
+def _model_recipe(model: nn.Module) -> QuantRecipe:
     marked = [(n, m) for n, m in model.named_modules() if hasattr(m, _MARKER)]
     if not marked:
         raise QSchedError("the model is not quantized; call qsched.quant.quantize(model, recipe) first")
     backends = {getattr(m, _MARKER).backend for _, m in marked}
-    if backends != {"fake"}:
+    if not backends <= {"fake", "packed"}:
         raise QSchedError(
-            f"save_packed needs a model quantized with backend='fake', this one used {sorted(backends)}"
+            f"save_packed needs a model quantized with backend 'packed' or 'fake', this one used {sorted(backends)}"
         )
     recipe = getattr(model, RECIPE_ATTR, None)
     if not isinstance(recipe, QuantRecipe):
         raise QSchedError("the model lacks its quantization recipe; quantize it with qsched.quant.quantize")
-    return recipe, [p for p in plan_layers(model, recipe)[0] if p.quantizes_weight]
+    return recipe
+
+
+def _fake_layer_codes(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored codes and scale of a fake-quantized layer (its weight must still be on its grid)."""
+    weight = plan.module.weight.detach()
+    scale = getattr(plan.module, SCALE_BUFFER).detach().float().cpu()
+    out, groups = scale.shape
+    lo, hi = code_range(plan.weight_bits, full_range=plan.full_range)
+    codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(lo, hi)
+    if not torch.equal(dequantize_weight(codes, scale, shape=weight.shape, dtype=weight.dtype), weight.cpu()):
+        raise QSchedError(
+            f"layer {plan.name!r}: its weight is no longer on the quantization grid "
+            "(modified after quantize?); re-quantize from the full-precision model"
+        )
+    return encode_codes(codes, plan.weight_bits), scale
+
+
+def _layer_entries(model: nn.Module, recipe: QuantRecipe) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """``{"<layer>.weight": (stored codes, scale, header info)}`` of a fake-quant or packed model."""
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLayer):
+            info = {"bits": module.weight_bits, "shape": list(module.weight_shape), "dtype": _dtype_name(module.weight_dtype)}
+            entries[f"{name}.weight" if name else "weight"] = (module.weight_codes, module.weight_scale, info)
+    for plan in plan_layers(model, recipe)[0]:
+        if plan.quantizes_weight:
+            codes, scale = _fake_layer_codes(plan)
+            info = {"bits": plan.weight_bits, "shape": list(plan.module.weight.shape),
+                    "dtype": _dtype_name(plan.module.weight.dtype)}
+            entries[_layer_key(plan)] = (codes, scale, info)
+    return entries
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Header fields naming the architecture a packed file belongs to (class and config)."""
+    config = getattr(model, "config", None)
+    fields = {"model_class": type(model).__name__}
+    if config is not None:
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        fields["model_config"] = json.dumps(
+            {k: v for k, v in items.items() if not k.startswith("_")}, sort_keys=True, default=str
+        )
+    return fields
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write the fake-quantized ``model`` to ``path`` as packed integers + scales.
+    """Write the quantized ``model`` (packed or fake-quant) to ``path`` as packed integers + scales.
 
     The file is written to a temporary name and renamed, so a failure leaves no
-    partial file.
+    partial file; it gets the permissions of any new file (the umask applies).
     """
     path = Path(path)
-    recipe, plans = _quantized_plans(model)
+    recipe = _model_recipe(model)
+    entries = _layer_entries(model, recipe)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
-    for plan in plans:
-        weight = plan.module.weight.detach()
-        scale = getattr(plan.module, SCALE_BUFFER).detach().float().cpu()
-        out, groups = scale.shape
-        m = qmax(plan.weight_bits)
-        codes = torch.round(weight.float().cpu().reshape(out, groups, -1) / scale.unsqueeze(-1)).clamp_(-m, m)
-        if not torch.equal(dequantize_weight(codes, scale, shape=weight.shape, dtype=weight.dtype), weight.cpu()):
-            raise QSchedError(
-                f"layer {plan.name!r}: its weight is no longer on the quantization grid "
-                "(modified after quantize?); re-quantize from the full-precision model"
-            )
-        codes = codes.to(torch.int8)
-        key = _layer_key(plan)
-        tensors[key + CODES_SUFFIX] = pack_int4(codes) if plan.weight_bits == 4 else codes.reshape(-1)
-        tensors[key + SCALE_SUFFIX] = scale.contiguous()
-        layers[key] = {"bits": plan.weight_bits, "shape": list(weight.shape), "dtype": _dtype_name(weight.dtype)}
-        state.pop(key)
+    for key, (codes, scale, info) in entries.items():
+        tensors[key + CODES_SUFFIX] = codes.detach().cpu().contiguous()
+        tensors[key + SCALE_SUFFIX] = scale.detach().float().cpu().contiguous()
+        layers[key] = info
+        for own in (key, key + "_codes", key + "_scale"):
+            state.pop(own, None)
     seen: set[tuple[int, int]] = set()
     for key, value in state.items():
         value = value.detach().cpu().contiguous()
@@ -124,26 +146,31 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "format_version": FORMAT_VERSION,
         "recipe": json.dumps(recipe.to_dict()),
         "layers": json.dumps(layers),
+        **model_fingerprint(model),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tensors(tmp, tensors, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise QSchedError(f"cannot write the packed checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], Any]:
-    """The header metadata and the open file (a context manager), after format checks."""
-    if not path.is_file():
-        raise QSchedError(f"packed checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise QSchedError(f"packed checkpoint {str(path)!r} is corrupt or truncated: {exc}") from exc
-    meta = handle.metadata() or {}
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def check_packed_header(path: Path, meta: dict[str, str], recipe: QuantRecipe | None = None,
+                        model: nn.Module | None = None) -> QuantRecipe:
+    """Check a packed file's format, version, recipe (when given) and architecture; returns its recipe."""
     problem = None
     if meta.get("format") != FORMAT:
         problem = (
@@ -156,8 +183,51 @@ def _read_header(path: Path) -> tuple[dict[str, str], Any]:
             f"this qsched reads version {FORMAT_VERSION}; use a matching qsched version"
         )
     if problem is not None:
-        handle.__exit__(None, None, None)
         raise QSchedError(problem)
+    found = _recipe_of(path, meta)
+    if recipe is not None and found != recipe:
+        raise QSchedError(
+            f"packed checkpoint {str(path)!r} holds recipe {found.name!r}, not the requested {recipe.name!r}; "
+            "omit --quant to use the file's recipe, or quantize again"
+        )
+    if model is not None:
+        _check_fingerprint(path, meta, model)
+    return found
+
+
+def _check_fingerprint(path: Path, meta: dict[str, str], model: nn.Module) -> None:
+    """Refuse a packed file made from another architecture (files without the fields pass)."""
+    ours = model_fingerprint(model)
+    if "model_class" in meta and meta["model_class"] != ours["model_class"]:
+        raise QSchedError(
+            f"packed checkpoint {str(path)!r} was made from a {meta['model_class']}, not a {ours['model_class']}"
+        )
+    if "model_config" in meta and "model_config" in ours:
+        theirs, mine = json.loads(meta["model_config"]), json.loads(ours["model_config"])
+        differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        if differ:
+            key = differ[0]
+            raise QSchedError(
+                f"packed checkpoint {str(path)!r} was made from another model configuration "
+                f"({key}: file {theirs.get(key)!r}, model {mine.get(key)!r}"
+                + (f", and {len(differ) - 1} more" if len(differ) > 1 else "") + ")"
+            )
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], Any]:
+    """The header metadata and the open file (a context manager), after format checks."""
+    if not path.is_file():
+        raise QSchedError(f"packed checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise QSchedError(f"packed checkpoint {str(path)!r} is corrupt or truncated: {exc}") from exc
+    meta = handle.metadata() or {}
+    try:
+        check_packed_header(path, meta)
+    except QSchedError:
+        handle.__exit__(None, None, None)
+        raise
     return meta, handle
 
 
@@ -277,6 +347,7 @@ def load_packed(model: nn.Module, path: str | os.PathLike[str]) -> QuantReport:
         recipe = _recipe_of(path, meta)
         layers = _json_meta(path, meta, "layers")
         refuse_quantized(model)
+        _check_fingerprint(path, meta, model)
         all_plans, unmatched = plan_layers(model, recipe)
         plans = {_layer_key(p): p for p in all_plans if p.quantizes_weight}
         state = model.state_dict()
