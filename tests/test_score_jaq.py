@@ -96,6 +96,21 @@ def test_a_definition_recorded_without_criterion_is_the_per_image_one() -> None:
     assert JAQ.from_dict(JAQ().to_dict()) == JAQ()
 
 
+def test_an_old_card_still_loads_and_says_how_it_was_made(tmp_path) -> None:
+    from qsched.card import ScheduleCard
+    from qsched.schedule import QSchedCoefficients
+
+    old_objective = {"name": "JAQ", "formula": "log(max(clip, 1)) + 1 * clipiqa", "alignment": "clip",
+                     "quality": "clipiqa", "k": 1.0, "transform": "log", "log_floor": 1.0, "normalize": "none",
+                     "alignment_options": {}, "quality_options": {}, "value": 3.2283, "baseline_value": 3.1554}
+    card = ScheduleCard(coefficients=QSchedCoefficients.from_ramps(cx_start=0.8, ceps_start=1.2, num_steps=4),
+                        model="builtin", family="lcm", quant={"name": "w4a8"}, steps=4, objective=old_objective)
+    loaded = ScheduleCard.load(card.save(tmp_path / "card.json"))
+    assert JAQ.from_dict(loaded.objective).criterion == "per-image"
+    new = JAQ().to_dict()
+    assert (new["criterion"], new["formula"]) == ("new", "log(mean(clip)) + 2 * mean(clipiqa)")
+
+
 def test_zscore_uses_the_baselines_spread_and_makes_the_baseline_zero() -> None:
     jaq = JAQ(criterion="per-image", alignment="test-mean", quality="test-std", transform="none", normalize="zscore", k=2.0)
     a0, q0 = torch.tensor([1.0, 3.0]), torch.tensor([0.1, 0.3])
