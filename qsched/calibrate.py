@@ -90,7 +90,9 @@ class CalibrationResult:
             gain = f" ({self.best.value - self.baseline.value:+.4f} vs uncorrected)"
         coeffs = self.card.coefficients
         params = ", ".join(f"{k}={v:.4g}" for k, v in self.best.params.items())
+        objective = self.card.objective or {}
         lines = [
+            f"objective     JAQ '{objective.get('criterion')}': {objective.get('formula')}",
             f"baseline JAQ  {base} (uncorrected, {self.card.quant.get('name')})",
             f"best JAQ      {self.best.value:.4f}{gain}, candidate #{self.best.number}: {params}",
             f"coefficients  c_x = [{', '.join(f'{v:.4g}' for v in coeffs.c_x)}], "
@@ -101,9 +103,9 @@ class CalibrationResult:
         ]
         bound = self.on_boundary()
         if self.best.is_baseline:
-            lines.insert(2, "note          no candidate beat the uncorrected sampler; the card holds all ones")
+            lines.insert(3, "note          no candidate beat the uncorrected sampler; the card holds all ones")
         elif bound:
-            lines.insert(2, f"note          the best point lies on the search boundary ({', '.join(bound)}); "
+            lines.insert(3, f"note          the best point lies on the search boundary ({', '.join(bound)}); "
                             "a wider --bounds may find a better one")
         return "\n".join(lines)
 

@@ -1,13 +1,53 @@
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from qsched.builtin import captions as cap
 
 
-def test_heldout_templates_disjoint():
-    assert not set(cap.TRAIN_TEMPLATES) & set(cap.HELDOUT_TEMPLATES)
-    train = {p for p, _ in cap.training_captions()}
-    assert not train & {p for p, _ in cap.evaluation_prompts()}
-    assert not train & set(cap.calibration_prompts())
+def _prompt_sets() -> dict[str, set[str]]:
+    return {
+        "training": {p for p, _ in cap.training_captions()},
+        "evaluation": {p for p, _ in cap.evaluation_prompts()},
+        "calibration": set(cap.calibration_prompts()),
+    }
+
+
+def test_template_sets_are_pairwise_disjoint():
+    sets = {"train": cap.TRAIN_TEMPLATES, "evaluation": cap.HELDOUT_TEMPLATES, "calibration": cap.CALIBRATION_TEMPLATES}
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(sets[a]) & set(sets[b]), (a, b)
+
+
+@pytest.mark.parametrize("a, b", [("training", "evaluation"), ("training", "calibration"), ("evaluation", "calibration")])
+def test_prompt_sets_share_no_prompt(a, b):
+    sets = _prompt_sets()
+    assert not sets[a] & sets[b], sorted(sets[a] & sets[b])[:5]
+
+
+def test_packaged_files_share_no_prompt():
+    """The files the CLI reads, not only the functions: any overlap fails."""
+    calibration = set(cap.CALIBRATION_FILE.read_text().splitlines())
+    evaluation = set(cap.EVALUATION_FILE.read_text().splitlines())
+    assert len(calibration) == 16 and not calibration & evaluation
+    assert not calibration & _prompt_sets()["training"]
+
+
+def test_the_overlap_check_catches_a_shared_prompt(monkeypatch):
+    """Guard the guard: a calibration template that is also an evaluation template makes the sets overlap."""
+    monkeypatch.setattr(cap, "CALIBRATION_TEMPLATES", cap.HELDOUT_TEMPLATES[:3])
+    assert _prompt_sets()["calibration"] & _prompt_sets()["evaluation"]
+
+
+def test_calibration_templates_use_only_words_the_builtin_clip_knows():
+    from qsched.builtin.clip import vocabulary_words
+
+    words = set(vocabulary_words())
+    assert {w for t in cap.CALIBRATION_TEMPLATES for w in re.findall(r"[a-z]+", t)} <= words
 
 
 def test_every_class_covered_and_balanced():
@@ -16,7 +56,8 @@ def test_every_class_covered_and_balanced():
     ev = cap.evaluation_prompts(per_class=30)
     counts = [sum(1 for _, lab in ev if lab == c) for c in range(10)]
     assert counts == [30] * 10
-    assert len(cap.calibration_prompts()) == 16
+    calibration = cap.calibration_prompts()
+    assert len(calibration) == len(set(calibration)) == 16
     assert len({p for p, _ in ev}) > 100  # varied phrasings
 
 

@@ -112,7 +112,7 @@ def test_failed_scoring_fails_the_candidate_with_its_error(tiny_pipeline_path, t
 
 
 def test_zscore_makes_the_baseline_zero(tiny_pipeline_path, tmp_path: Path) -> None:
-    jaq = JAQ(alignment="test-mean", quality="test-std", transform="none", normalize="zscore", k=1.0)
+    jaq = JAQ(criterion="per-image", alignment="test-mean", quality="test-std", transform="none", normalize="zscore", k=1.0)
     result = calibrate(tiny_pipeline_path("lcm"), recipe=parse_preset("w4a8"), out=tmp_path / "z", prompts=PROMPTS,
                        search=SearchSettings(strategy="random", trials=3), jaq=jaq, **TINY)
     assert result.baseline.value == pytest.approx(0.0, abs=1e-9)

@@ -61,12 +61,14 @@ def test_both_scorers_are_registered_as_alignment_and_need_local_weights() -> No
         build_scorer("hpsv2")
 
 
-def test_log_transform_is_refused_for_hpsv2_scale_and_kept_for_pickscore() -> None:
+def test_per_image_log_is_refused_for_hpsv2_scale_and_kept_for_pickscore() -> None:
     with pytest.raises(QSchedError, match=r"hpsv2 scores are about 0.15-0.35: every image would score 0; "
-                       r"use transform 'none' \(--transform none\)"):
-        JAQ(alignment="hpsv2")
-    assert JAQ(alignment="hpsv2", transform="none").formula == "hpsv2 + 1 * clipiqa"
-    assert JAQ(alignment="pickscore").formula == "log(max(pickscore, 1)) + 1 * clipiqa"
+                       r"use transform 'none' \(--transform none\) or criterion 'new'"):
+        JAQ(criterion="per-image", alignment="hpsv2")
+    assert JAQ(criterion="per-image", alignment="hpsv2", transform="none").formula == "mean(hpsv2 + 1 * clipiqa)"
+    assert JAQ(criterion="per-image", alignment="pickscore").formula == "mean(log(max(pickscore, 1)) + 1 * clipiqa)"
+    # the reference's criterion takes the log of the set's mean: no floor, so HPSv2's scale is fine
+    assert JAQ(alignment="hpsv2").formula == "log(mean(hpsv2)) + 2 * mean(clipiqa)"
 
 
 # ---------------------------------------------------------------- pickscore
@@ -222,6 +224,21 @@ def test_hpsv2_is_the_diagonal_of_normalised_features(fake_open_clip, hps_checkp
     assert fake_open_clip.tokenized == [PROMPTS, ["a bag"]]  # text features cached per prompt
 
 
+def test_kclip2_with_the_stand_in_hpsv2_is_mean_quality_plus_2_mean_hpsv2(fake_open_clip, hps_checkpoint,
+                                                                        tiny_clip: Path) -> None:
+    """The reference's kclip2 (quality map + k * HPSv2, k = 2), with CLIP-IQA standing in for its AQ-Map."""
+    path, reference = hps_checkpoint
+    jaq = JAQ(criterion="kclip2", quality="clipiqa", alignment_options={"checkpoint": str(path)},
+              quality_options={"path": str(tiny_clip)})
+    images = grid_images(3, size=SIZE)
+    result = jaq.build()(images, PROMPTS)
+    hps = build_scorer("hpsv2", checkpoint=str(path))(images, PROMPTS).double()
+    iqa = build_scorer("clipiqa", path=str(tiny_clip))(images, PROMPTS).double()
+    expected = sum(iqa.tolist()) / 3 + 2 * sum(hps.tolist()) / 3
+    assert result.value == pytest.approx(expected, abs=1e-9)
+    assert jaq.to_dict()["formula"] == "mean(clipiqa) + 2 * mean(hpsv2)"
+
+
 def test_hps_pixels_resize_the_longer_side_and_pad_black_like_hpsv2() -> None:
     black = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1)
     colour = torch.tensor([0.2, 0.6, 1.0]).view(1, 3, 1, 1)
@@ -281,7 +298,11 @@ def test_cli_alignment_path_reaches_the_scorer(tiny_pipeline_path, tiny_clip, tm
         (["--alignment", "pickscore"], "scorer 'pickscore' needs the PickScore weights in a local folder"),
         (["--alignment", "pickscore", "--alignment-path", str(tmp_path / "nope")],
          f"PickScore folder {tmp_path / 'nope'} does not exist"),
-        (["--alignment", "hpsv2", "--alignment-path", str(tmp_path / "HPS.pt")], "use transform 'none' (--transform none)"),
+        (["--criterion", "per-image", "--alignment", "hpsv2", "--alignment-path", str(tmp_path / "HPS.pt")],
+         "use transform 'none' (--transform none)"),
+        (["--alignment", "hpsv2", "--alignment-path", str(tmp_path / "HPS.pt")], f"checkpoint {tmp_path / 'HPS.pt'} does not exist"),
+        (["--criterion", "kclip2", "--quality", "clipiqa"], "scorer 'hpsv2' needs an HPSv2 checkpoint file"),
+        (["--criterion", "kclip2", "--alignment-path", str(tmp_path / "HPS.pt")], "name the quality scorer"),
         (["--alignment", "hpsv2", "--transform", "none", "--alignment-path", str(tmp_path / "HPS.pt")],
          f"checkpoint {tmp_path / 'HPS.pt'} does not exist"),
     ]:
@@ -294,6 +315,6 @@ def test_cli_alignment_path_reaches_the_scorer(tiny_pipeline_path, tiny_clip, tm
                     "--search", "random", "--trials", "2")
     assert code == 0, err
     objective = json.loads((out / "card.json").read_text())["objective"]
-    assert objective["formula"] == "log(max(pickscore, 1)) + 1 * clipiqa"
+    assert objective["formula"] == "log(mean(pickscore)) + 2 * mean(clipiqa)"
     assert objective["alignment_options"] == {"path": str(tiny_clip)}
     assert objective["quality_options"] == {"path": str(tiny_clip)}

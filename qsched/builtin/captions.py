@@ -1,8 +1,11 @@
-"""Captions for Fashion-MNIST: class phrases x templates, with held-out templates for evaluation.
+"""Captions for Fashion-MNIST: class phrases x templates, three disjoint sets of templates.
 
-Training captions use ``TRAIN_TEMPLATES``; evaluation and calibration prompts use only
-``HELDOUT_TEMPLATES`` (disjoint), so generation is measured on phrasings never seen in
-training. Run ``python -m qsched.builtin.captions`` to rewrite the prompt text files.
+Training captions use ``TRAIN_TEMPLATES``; evaluation prompts use only
+``HELDOUT_TEMPLATES`` and calibration prompts only ``CALIBRATION_TEMPLATES``. The three
+template sets share no template and no template can produce another's prompt, so the
+three prompt sets are disjoint by construction: generation is measured on phrasings
+never seen in training, and Q-Sched is calibrated on prompts the evaluation never uses.
+Run ``python -m qsched.builtin.captions`` to rewrite the prompt text files.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
     "a simple image of {}",
 )
 
+#: Calibration-only templates: in neither the training nor the evaluation set, made of
+#: words the built-in CLIP's vocabulary already holds (each stays a single token).
+CALIBRATION_TEMPLATES: tuple[str, ...] = (
+    "a simple photo of {}",
+    "a clean picture of {}",
+    "a shop image of {}",
+)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CALIBRATION_FILE = PACKAGE_DIR / "calibration_prompts.txt"
 EVALUATION_FILE = PACKAGE_DIR / "evaluation_prompts.txt"
@@ -84,9 +95,13 @@ def evaluation_prompts(*, per_class: int = 30) -> list[tuple[str, int]]:
 
 
 def calibration_prompts(*, n: int = 16) -> list[str]:
-    """A small held-out prompt list for Q-Sched calibration (classes cycled, disjoint from evaluation ones)."""
-    # offset k past the evaluation range so calibration and evaluation prompts differ where possible
-    out = [_heldout(i % len(CLASS_NAMES), 1000 + i // len(CLASS_NAMES) * 7) for i in range(n)]
+    """Prompts for Q-Sched calibration: classes cycled, ``CALIBRATION_TEMPLATES`` only (so never an evaluation prompt)."""
+    out = []
+    for i in range(n):
+        label = i % len(CLASS_NAMES)
+        phrases = CLASS_PHRASES[label]
+        template = CALIBRATION_TEMPLATES[i % len(CALIBRATION_TEMPLATES)]
+        out.append(template.format(phrases[(i // len(CLASS_NAMES) + i) % len(phrases)]))
     return out
 
 

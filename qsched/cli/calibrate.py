@@ -12,6 +12,7 @@ DEFAULT_QUANT = "w4a8"
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     from qsched.search.samplers import DEFAULT_GRID_POINTS, DEFAULT_TRIALS, STRATEGIES
+    from qsched.score.jaq import CRITERIA
     from qsched.search.space import DEFAULT_BOUNDS, SPACES
 
     parser = sub.add_parser(
@@ -20,7 +21,8 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
         help="find Q-Sched coefficients for a quantized model (JAQ search)",
         description=(
             "Search the per-step coefficients (c_x, c_eps) of a quantized model that maximise "
-            "JAQ = alignment + k * quality over calibration prompts, running only the quantized model. "
+            "JAQ (by default the reference's: log(CLIP score of the set) + 2 * mean CLIP-IQA) over calibration "
+            "prompts, running only the quantized model. "
             "Writes OUT/card.json, trials.csv, landscape.png, compare.png, run.json and the study (study.db)."
         ),
     )
@@ -43,13 +45,20 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
     group.add_argument("--seed", type=non_negative_int, default=0, help="noise and sampler seed (default: %(default)s)")
     group.add_argument("--sampler-seed", type=non_negative_int, default=None, metavar="S",
                        help="another seed for the sampler's proposals only, same noise (default: --seed)")
-    group = parser.add_argument_group("objective (JAQ = T(alignment) + k * quality)")
-    group.add_argument("--alignment", default="clip", help="alignment scorer (default: %(default)s)")
-    group.add_argument("--quality", default="clipiqa", help="quality scorer (default: %(default)s)")
-    group.add_argument("--k", type=float, default=1.0, help="weight of the quality term (default: %(default)s)")
-    group.add_argument("--transform", default="log", help="alignment transform: log (the paper's log CLIP score) or none")
+    group = parser.add_argument_group("objective (JAQ; defaults per --criterion)")
+    group.add_argument("--criterion", default="new", choices=CRITERIA,
+                       help="new (default, the reference's): log(CLIP score of the set) + k * mean CLIP-IQA, k 2; "
+                       "kclip2 (the reference's shipped script): mean(--quality) + k * mean HPSv2, k 2; "
+                       "per-image (qsched's earlier one): mean of log(max(CLIP, 1)) + k * CLIP-IQA, k 1")
+    group.add_argument("--alignment", default=None, help="alignment scorer (default: clip; hpsv2 for kclip2)")
+    group.add_argument("--quality", default=None,
+                       help="quality scorer (default: clipiqa; kclip2 has none: the reference's AQ-Map is not in qsched)")
+    group.add_argument("--k", type=float, default=None, help="weight k (default: 2 for new and kclip2, 1 for per-image)")
+    group.add_argument("--transform", default=None,
+                       help="alignment transform: log (default) or none; kclip2 takes none")
     group.add_argument("--normalize", default="none",
-                       help="none, or zscore: each term in units of the uncorrected model's spread (default: %(default)s)")
+                       help="none, or zscore (per-image only): each term in units of the uncorrected model's spread "
+                       "(default: %(default)s)")
     group.add_argument("--clip", default=None, metavar="PATH",
                        help="CLIP folder (transformers format) for clip/clipiqa (default: the built-in CLIP)")
     group.add_argument("--iqa-prompts", nargs="+", default=None, metavar="PAIR",
@@ -99,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     from qsched.calibrate import calibrate
     from qsched.quant import parse_preset
-    from qsched.score.jaq import JAQ
+    from qsched.score.jaq import CRITERION_DEFAULTS, JAQ
     from qsched.search.samplers import SearchSettings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -108,10 +117,14 @@ def run(args: argparse.Namespace) -> int:
         trials=args.trials, grid_points=args.grid_points, seed=args.seed,
         sampler_seed=args.sampler_seed,
     )
+    default_alignment, default_quality, _, _ = CRITERION_DEFAULTS[args.criterion]
+    alignment = args.alignment or default_alignment
+    quality = args.quality or default_quality  # None for kclip2: JAQ says why it must be named
     jaq = JAQ(
-        alignment=args.alignment, quality=args.quality, k=args.k, transform=args.transform, normalize=args.normalize,
-        alignment_options=_scorer_options(args.alignment, args, weights=args.alignment_path),
-        quality_options=_scorer_options(args.quality, args),
+        criterion=args.criterion, alignment=alignment, quality=quality, k=args.k, transform=args.transform,
+        normalize=args.normalize,
+        alignment_options=_scorer_options(alignment, args, weights=args.alignment_path),
+        quality_options={} if quality is None else _scorer_options(quality, args),
     )
     result = calibrate(
         args.model,

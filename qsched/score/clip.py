@@ -7,7 +7,9 @@ CLIP (``qsched/builtin/assets/clip``). Nothing is downloaded.
 ``clip`` is torchmetrics' ``CLIPScore`` computed per image,
 ``100 * max(cos(image, prompt), 0)``, with the text features of each prompt
 computed once and cached (calibration scores the same prompts for every
-candidate). ``clipiqa`` is torchmetrics' ``CLIPImageQualityAssessment``: for each
+candidate). With ``clamp=False`` it returns ``100 * cos`` unclamped: torchmetrics'
+``CLIPScore`` over a *set* sums those and clamps only the mean, which is what the
+reference's JAQ (criterion ``new``) takes the log of. ``clipiqa`` is torchmetrics' ``CLIPImageQualityAssessment``: for each
 antonym pair, the softmax probability of the positive prompt; with several pairs
 the score is their mean. Its text anchors are computed once, when it is built.
 """
@@ -139,13 +141,15 @@ def paired_prompts(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
 
 
 class ClipScore:
-    """Per-image CLIP score ``100 * max(cos(image, prompt), 0)``; text features cached per prompt."""
+    """Per-image CLIP score ``100 * max(cos(image, prompt), 0)`` (``clamp=False``: ``100 * cos``); text features cached."""
 
-    def __init__(self, model: Any, processor: Any, *, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, model: Any, processor: Any, *, device: str | torch.device = "cpu", batch_size: int = 64,
+                 clamp: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        self.clamp = bool(clamp)
         self._text: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -175,15 +179,20 @@ class ClipScore:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         prompts = paired_prompts(images, prompts)
         cosine = (self.image_features(images) * self.text_features(prompts)).sum(-1)
-        return 100.0 * cosine.clamp(min=0.0)
+        return 100.0 * (cosine.clamp(min=0.0) if self.clamp else cosine)
 
 
 def clip_score_factory(
-    path: str | None = None, *, device: str = "cpu", batch_size: int = 64
+    path: str | None = None, *, device: str = "cpu", batch_size: int = 64, clamp: bool = True
 ) -> ClipScore:
-    """The ``clip`` scorer: ``path`` is a CLIP folder in transformers format (None: the built-in CLIP)."""
+    """The ``clip`` scorer: ``path`` is a CLIP folder in transformers format (None: the built-in CLIP).
+
+    ``clamp=False`` returns ``100 * cos`` unclamped (for a set's CLIPScore, which clamps the mean).
+    """
+    if not isinstance(clamp, bool):
+        raise QSchedError(f"clip option clamp must be true or false, got {clamp!r}")
     model, processor = load_clip(path, device=device)
-    return ClipScore(model, processor, device=device, batch_size=batch_size)
+    return ClipScore(model, processor, device=device, batch_size=batch_size, clamp=clamp)
 
 
 def resolve_iqa_prompts(prompts: Iterable[Any] | None, *, builtin: bool) -> tuple[Any, ...]:
