@@ -11,8 +11,9 @@ quarter (W8) or an eighth (W4) of the FP32 weight bytes.
 
 Why dequantize rather than an integer kernel: on CPU (torch 2.13) ``torch._int_mm``
 is ~15x slower than an FP32 matmul and the int4 weight-only kernel with FP32 inputs
-~70x slower (``benchmarks/bench_memory.py`` prints the probe), while dequantizing
-costs ~3 ns per weight. On CUDA the same layers dequantize into fp16/bf16.
+70-100x slower (BENCHMARKS.md, "Memory"), while dequantizing costs ~3 ns per weight.
+On CUDA the same layers dequantize into fp16/bf16, or multiply int8 codes with
+``torch._int_mm`` after :func:`use_int8_kernel`.
 """
 
 from __future__ import annotations
