@@ -13,9 +13,6 @@ is the packed model plus the largest tensor being converted.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import importlib
 import json
 import math
@@ -40,6 +37,7 @@ from qsched.quant.fake import (
     plan_layers,
     refuse_quantized,
 )
+from qsched.quant.host_memory import available_memory, release_free_memory
 from qsched.quant.packed_modules import PackedLayer, packed_layer_for
 from qsched.quant.recipe import QuantRecipe
 from qsched.quant.report import QuantReport
@@ -47,28 +45,6 @@ from qsched.quant.tensor_files import iter_tensors, read_header, weight_files
 
 BACKEND = "packed"
 _TRIM_BYTES = 1 << 20  # give freed heap memory back after every tensor at least this large
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (None elsewhere)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Return freed heap memory to the system.
-
-    Quantizing tensor after tensor leaves glibc's heap fragmented: measured on the
-    SD1.5 UNet (W8A8, 0.87 GB packed), resident memory after loading is 2.3 GB
-    without trimming and 1.3 GB with it.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -249,22 +225,6 @@ class _Filler:
                 f"{self.where}: the checkpoint lacks {len(names)} tensor(s) the model needs, e.g. "
                 f"{', '.join(repr(n) for n in names[:5])}"
             )
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device`` (Linux MemAvailable / CUDA free), None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _check_fits(model: nn.Module, largest: int, device: torch.device, where: str) -> None:
