@@ -177,3 +177,17 @@ def test_a_model_that_cannot_fit_is_refused_before_reading(tiny_pipeline_path: C
     with pytest.raises(QSchedError, match=r"needs about 0\.\d GB on cpu .* only 0\.0 GB are available"):
         load_quantized(component_source(tiny_pipeline_path("lcm"), "unet"), parse_preset("w4a8"))
     assert not read
+
+
+def test_t5_text_encoder_streams_with_tied_embeddings(tiny_pipeline_path: Callable[[str], Path]) -> None:
+    folder = tiny_pipeline_path("flux-schnell")
+    options = ModelOptions(quantize_modules=("denoiser", "text_encoder_2"))
+    packed = prepare_pipeline(folder, recipe=parse_preset("w4a8"), options=options).pipe.text_encoder_2
+    fake = prepare_pipeline(folder, recipe=parse_preset("w4a8"), options=options.replace(backend="fake")).pipe.text_encoder_2
+    assert packed.shared.weight.data_ptr() == packed.encoder.embed_tokens.weight.data_ptr()  # tied after loading
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, PackedLayer)}
+    assert layers and all(torch.equal(m.weight, fake.get_submodule(n).weight) for n, m in layers.items())
+    ids = torch.randint(3, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # same weights; the embeddings agree to float rounding (see docs/quantization.md)
+        torch.testing.assert_close(packed(ids)[0], fake(ids)[0], rtol=1e-5, atol=1e-5)
