@@ -130,15 +130,15 @@ def write_random_weights(cls: type, config: dict[str, Any], folder: Path, *, dty
                          shard_bytes: int = 2 * 1024**3) -> int:
     """Random weights of ``cls(**config)`` in safetensors shards, built tensor by tensor; returns the count."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
 
     with init_empty_weights():
         skeleton = cls.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(dict(skeleton.config) | {"_class_name": cls.__name__}, default=list))
     generator = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes, total, names = [0], 0, []
+    shard: dict[str, torch.Tensor] = {}
+    parts: list[tuple[str, list[str]]] = []  # (temporary file name, its tensor names)
+    size = total = 0
     for name, meta in skeleton.state_dict().items():
         if meta.dim() >= 2:
             fan_in = meta[0].numel()
@@ -149,31 +149,32 @@ def write_random_weights(cls: type, config: dict[str, Any], folder: Path, *, dty
             value = torch.randn(meta.shape, generator=generator).mul_(0.01)
         value = value.to(dtype)
         nbytes = value.numel() * value.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
-            names.append(_flush(shards[-1], folder, len(names), save_file))
-            shards[-1], sizes[-1] = {}, 0
-        shards[-1][name] = value
-        sizes[-1] += nbytes
+        if size and size + nbytes > shard_bytes:
+            parts.append(_flush(shard, folder, len(parts)))
+            size = 0
+        shard[name] = value
+        size += nbytes
         total += value.numel()
-    names.append(_flush(shards[-1], folder, len(names), save_file))
-    count = len(names)
+    parts.append(_flush(shard, folder, len(parts)))
     weight_map = {}
-    for i, name in enumerate(names):
-        final = f"diffusion_pytorch_model-{i + 1:05d}-of-{count:05d}.safetensors"
-        (folder / name).rename(folder / final)
-        from qsched.quant.tensor_files import read_header
-
-        weight_map.update({k: final for k in read_header(folder / final).tensors})
+    for i, (part, keys) in enumerate(parts):
+        final = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        (folder / part).rename(folder / final)
+        weight_map.update(dict.fromkeys(keys, final))
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
 
 
-def _flush(tensors: dict[str, torch.Tensor], folder: Path, index: int, save_file: Any) -> str:
+def _flush(tensors: dict[str, torch.Tensor], folder: Path, index: int) -> tuple[str, list[str]]:
+    """Write ``tensors`` to a temporary shard and empty the dict; returns the file and the names."""
+    from qsched.quant.tensor_files import write_tensors
+
     name = f"part-{index:05d}.safetensors"
-    save_file(tensors, str(folder / name))
+    write_tensors(folder / name, tensors, metadata={"format": "pt"})
+    keys = list(tensors)
     tensors.clear()
-    return name
+    return name, keys
 
 
 def make_pipeline(spec: ModelSpec, folder: Path, *, dtype: torch.dtype, flux_blocks: tuple[int, int] | None) -> None:

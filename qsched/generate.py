@@ -94,19 +94,19 @@ def generate_to_folder(
     run = _run_record(prepared, len(prompts), seed, batch_size, card_path)
     write_json_atomic(out / "run.json", run)
     records: list[dict[str, Any]] = []
-    sampling = 0.0
+    sampling, calls = 0.0, 0
     with tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress) as bar:
         for chunk in batches(len(prompts), batch_size):
             start = time.perf_counter()
             images = sample(prepared, [prompts[i] for i in chunk], chunk, seed=seed)
             sampling += time.perf_counter() - start
+            calls += 1
             for index, image in zip(chunk, images):
                 name = IMAGE_PATTERN.format(index=index)
                 _save_png(image, out / name)
                 records.append(_record(prepared, name, index, prompts[index], seed, card_path))
             write_json_atomic(out / "metadata.json", records)
             bar.update(len(chunk))
-    calls = len(list(batches(len(prompts), batch_size)))
     # seconds per sampling step of one batch (pipeline call / steps), text encoding and decoding included
     run["timing"] = {"sampling_s": sampling, "pipeline_calls": calls, "per_step_s": sampling / (calls * prepared.steps)}
     write_json_atomic(out / "run.json", run)

@@ -151,8 +151,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_tensors(tmp, tensors, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
+        write_tensors(tmp, tensors, metadata=metadata)  # a plain open(): the umask applies
         os.replace(tmp, path)
     except OSError as exc:
         raise QSchedError(f"cannot write the packed checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
@@ -160,12 +159,6 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
-
-
-def _umask() -> int:
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
 
 
 def check_packed_header(path: Path, meta: dict[str, str], recipe: QuantRecipe | None = None,

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsched.errors import QSchedError
-
-PACKED_TYPES = ("Linear", "Conv2d")
+from qsched.quant.recipe import ALLOWED_MODULE_TYPES
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -236,10 +235,10 @@ class PackedLinear(PackedLayer):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _weight_codes_int8(self) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
         if self.weight_bits == 8:
-            return self.weight_codes.view(self.out_features, self.in_features)
-        flat = torch.stack((self.weight_codes & 0x0F, self.weight_codes >> 4), dim=-1).reshape(-1)
-        return (flat[: self.out_features * self.in_features].view(torch.int8) - 8).view(self.out_features, self.in_features)
+            return self.weight_codes.view(shape)
+        return unpack_int4(self.weight_codes, math.prod(shape)).view(shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}"
@@ -284,7 +283,7 @@ def packed_layer_for(
     elif isinstance(module, nn.Conv2d):
         layer = PackedConv2d(module, **common)
     else:
-        raise QSchedError(f"cannot pack a {type(module).__name__}; packed layers replace {PACKED_TYPES}")
+        raise QSchedError(f"cannot pack a {type(module).__name__}; packed layers replace {ALLOWED_MODULE_TYPES}")
     return layer
 
 

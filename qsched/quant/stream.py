@@ -66,13 +66,13 @@ def _install(model: nn.Module, plan: LayerPlan) -> PackedLayer | None:
         if plan.act_bits < 16:
             attach(plan, scale=None, backend=BACKEND)
         return None
+    if plan.name == "":
+        raise QSchedError("the model itself is a single layer; wrap it in a module to pack it")
     layer = packed_layer_for(
         plan.module, weight_bits=plan.weight_bits, group_size=plan.group_size,
         input_quantizer=make_activation_quantizer(plan), full_range=plan.full_range,
     )
     setattr(layer, _MARKER, LayerQuantState(plan.weight_bits, plan.act_bits, plan.group_size, BACKEND))
-    if plan.name == "":
-        raise QSchedError("the model itself is a single layer; wrap it in a module to pack it")
     _swap(model, plan.name, layer)
     return layer
 
