@@ -40,3 +40,39 @@ def test_teacher_resume_and_student(tmp_path):
 
 def test_missing_dataset_exit_code(tmp_path):
     assert main(["teacher", "--steps", "1", "--out", str(tmp_path / "t"), "--data-root", str(tmp_path), *TINY]) == 2
+
+
+def test_pseudo_huber_per_image_and_per_element():
+    from qsched.builtin.train_student import ict_huber_c, pseudo_huber
+
+    a = torch.zeros(2, 1, 2, 2)
+    b = torch.tensor([3.0, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).view(2, 1, 2, 2)
+    # per image: ||a - b|| = 5 and 2; sqrt(25 + c^2) - c, sqrt(4 + c^2) - c
+    c = 0.5
+    expected = ((25 + c * c) ** 0.5 - c + (4 + c * c) ** 0.5 - c) / 2
+    assert abs(float(pseudo_huber(a, b, c, "image")) - expected) < 1e-6
+    # per element: mean over the 8 values of sqrt(d^2 + c^2) - c
+    per = [((d * d + c * c) ** 0.5 - c) for d in (3, 4, 0, 0, 1, 1, 1, 1)]
+    assert abs(float(pseudo_huber(a, b, c, "element")) - sum(per) / 8) < 1e-6
+    # with a tiny c the per-element loss is the mean absolute error (an L1 loss)
+    assert abs(float(pseudo_huber(a, b, 1e-6, "element")) - 11 / 8) < 1e-5
+    assert abs(ict_huber_c(1024) - 0.00054 * 32) < 1e-12
+    try:
+        pseudo_huber(a, b, c, "pixel")
+    except Exception as exc:  # QSchedError names the allowed values
+        assert "image" in str(exc) and "pixel" in str(exc)
+    else:
+        raise AssertionError("an unknown reduction was accepted")
+
+
+def test_student_records_its_loss(tmp_path):
+    data = str(write_fake_dataset(tmp_path / "data", n=16))
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", "--steps", "1", "--out", str(teacher), "--data-root", data, *TINY]) == 0
+    for extra, c, reduction in (([], 0.00054 * 32, "image"),
+                                (["--huber-c", "0.001", "--huber-reduction", "element"], 0.001, "element")):
+        out = tmp_path / f"student-{reduction}"
+        assert main(["student", "--teacher", str(teacher / "pipeline"), "--out", str(out), "--data-root", data,
+                     "--steps", "1", *extra, *TINY]) == 0
+        config = json.loads((out / "checkpoint" / "state.json").read_text())["config"]
+        assert abs(config["huber_c"] - c) < 1e-9 and config["huber_reduction"] == reduction

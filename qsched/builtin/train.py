@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-every", type=int, default=25)
         if stage == "student":
             p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
+            p.add_argument("--huber-c", type=float, default=None,
+                           help="pseudo-Huber constant of the consistency loss (default: iCT's 0.00054*sqrt(d))")
+            p.add_argument("--huber-reduction", choices=("image", "element"), default="image",
+                           help="norm of the pseudo-Huber loss per image (iCT, default) or per pixel "
+                           "(diffusers' LCM script; the first student's recipe, with --huber-c 0.001)")
     ship = sub.add_parser("ship", help="copy a trained pipeline folder into the package assets (fp16 weights)")
     ship.add_argument("src", help="pipeline folder, e.g. runs/builtin/student/pipeline")
     ship.add_argument("dst", help="destination, e.g. qsched/builtin/assets/student")
@@ -73,9 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             folder = train_teacher(opts)
         else:
-            from qsched.builtin.train_student import train_student
+            from qsched.builtin.train_student import StudentConfig, train_student
 
-            folder = train_student(opts, teacher=args.teacher)
+            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction)
+            folder = train_student(opts, teacher=args.teacher, cfg=cfg)
     except QSchedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ between the student's consistency function at (x_t, t) and the EMA target's at
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,12 @@ class StudentConfig:
     guidance_min: float = 1.5  # classifier-free guidance scale range of the teacher
     guidance_max: float = 4.5
     target_ema_decay: float = 0.95
-    huber_c: float = 0.001
+    #: pseudo-Huber constant; None = iCT's 0.00054 * sqrt(d) for d values per image (0.0173 here)
+    huber_c: float | None = None
+    #: "image": iCT's sqrt(||a - b||^2 + c^2) - c over each image's whole vector (the default);
+    #: "element": the same per pixel, as diffusers' LCM script (the first student; with c = 0.001
+    #: it is an L1 loss per pixel, which left salt-and-pepper speckle, see MODEL_CARD.md)
+    huber_reduction: str = "image"
     warmup_steps: int = 50
     grad_clip: float = 1.0
 
@@ -60,8 +66,22 @@ def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
+HUBER_REDUCTIONS = ("image", "element")
+
+
+def ict_huber_c(values_per_image: int) -> float:
+    """Song & Dhariwal (2023, improved consistency training): c = 0.00054 * sqrt(d)."""
+    return 0.00054 * math.sqrt(values_per_image)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, reduction: str = "image") -> torch.Tensor:
+    """Mean over the batch of sqrt(||a - b||^2 + c^2) - c, the norm taken per image or per element."""
+    if reduction not in HUBER_REDUCTIONS:
+        raise QSchedError(f"huber reduction must be one of {HUBER_REDUCTIONS}, got {reduction!r}")
+    squared = (a.float() - b.float()) ** 2
+    if reduction == "image":
+        squared = squared.flatten(1).sum(1)
+    return (torch.sqrt(squared + c**2) - c).mean()
 
 
 def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfig = StudentConfig()) -> Path:
@@ -90,6 +110,9 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     T = scheduler.config.num_train_timesteps
     gap = T // cfg.num_ddim_timesteps
     grid = torch.arange(1, cfg.num_ddim_timesteps + 1) * gap - 1  # trailing: 19, 39, ..., 999
+    sample_shape = images.sample(1, torch.Generator().manual_seed(0))[0].shape
+    huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(math.prod(sample_shape[1:]))
+    tc.logger.info("consistency loss: pseudo-Huber per %s, c = %.4g", cfg.huber_reduction, huber_c)
 
     def bc(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float32))
@@ -130,7 +153,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
                           timestep_cond=w_emb).sample
             c_skip_p, c_out_p = bc(t_prev)
             f_target = c_skip_p * x_prev + c_out_p * x0_from_v(x_prev, v_tg, a_p)
-        loss = pseudo_huber(f_student, f_target, cfg.huber_c)
+        loss = pseudo_huber(f_student, f_target, huber_c, cfg.huber_reduction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -139,7 +162,8 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         return float(loss.detach())
 
     def checkpoint_fn(step: int, total: float) -> None:
-        tc.write_checkpoint(out, stage="student", step=step, opts=opts, config={**asdict(cfg), "teacher": str(teacher)}, total=total,
+        config = {**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher)}
+        tc.write_checkpoint(out, stage="student", step=step, opts=opts, config=config, total=total,
                             modules={"model": student, "target": target}, opt=opt, gen=gen)
 
     t0 = time.perf_counter()

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qsched.builtin.data import write_fake_dataset
+from qsched.builtin.diagnose import main, speckle
+from qsched.builtin.pipeline import QSchedBuiltinPipeline
+from qsched.builtin.unet import SHAPES, make_student_scheduler, make_teacher_scheduler, make_unet
+
+
+def test_speckle_counts_isolated_pixels_not_edges():
+    flat = torch.zeros(1, 1, 8, 8)
+    assert speckle(flat) == (0.0, 0.0)
+    dot = flat.clone()
+    dot[0, 0, 3, 4] = 1.0  # one white pixel on black: its 3x3 median is 0, its neighbours' medians too
+    assert speckle(dot) == (1 / 64, 1 / 64)
+    half = flat.clone()
+    half[..., 4:] = 1.0  # a straight edge: every pixel equals its neighbourhood's median
+    assert speckle(half) == (0.0, 0.0)
+    faint = flat.clone()
+    faint[0, 0, 3, 4] = 0.05  # below the 0.1 threshold: deviation counted, not a speckle pixel
+    frac, dev = speckle(faint)
+    assert frac == 0.0 and abs(dev - 0.05 / 64) < 1e-9
+
+
+def test_diagnose_reports_both_kinds_of_model(tmp_path):
+    data = write_fake_dataset(tmp_path / "data", n=8)
+    sources = []
+    for distilled in (True, False):
+        torch.manual_seed(0)
+        unet = make_unet(SHAPES["tiny"], guidance_embedding=distilled).eval()
+        scheduler = make_student_scheduler() if distilled else make_teacher_scheduler()
+        folder = tmp_path / ("student" if distilled else "teacher")
+        QSchedBuiltinPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(folder))
+        sources.append(str(folder))
+    out = tmp_path / "out"
+    assert main([*sources, "--n", "4", "--data-root", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "diagnose.json").read_text())
+    student, teacher = (report["sources"][s] for s in sources)
+    assert sorted(student["sampled"], key=int) == ["1", "2", "4", "8"]
+    assert sorted(teacher["sampled"], key=int) == ["4", "25"]
+    for row in (*student["clean_estimates"].values(), *teacher["clean_estimates"].values()):
+        assert 0.0 <= row["speckle"] <= 1.0 and row["mse_x0"] > 0.0
+    assert 0.0 <= report["real_test_speckle"] <= 1.0
