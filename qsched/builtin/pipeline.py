@@ -21,6 +21,7 @@ unconditional sample; prompts longer than 32 tokens are truncated with a warning
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +48,7 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
 
     def __init__(self, unet: Any, scheduler: Any, text_encoder: Any = None, tokenizer: Any = None, patch_size: int = 2):
         super().__init__()
-        packaged_text = text_encoder is None
-        packaged_tokenizer = tokenizer is None
-        self.register_modules(
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder=None if packaged_text else text_encoder,
-            tokenizer=None if packaged_tokenizer else tokenizer,
-        )
-        # Components from the pip package stay registered as (None, None) in the config, so
-        # save_pretrained does not copy them; the attributes still hold the loaded objects.
-        if packaged_text:
-            self.text_encoder = load_text_encoder().to(unet.device)
-        if packaged_tokenizer:
-            self.tokenizer = load_tokenizer()
+        register_with_text(self, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_to_config(patch_size=int(patch_size))
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
 
@@ -102,17 +90,8 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
         initial noise [B, 4, 16, 16] (2x2-patchified pixels). ``output_type``: "pil",
         "np" ([B, 32, 32, 3] in [0, 1]), "pt" ([B, 3, 32, 32] in [0, 1]) or "latent".
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise QSchedError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        if int(num_inference_steps) < 1:
-            raise QSchedError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in OUTPUT_TYPES:
-            raise QSchedError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        prompts = check_call(prompt, num_inference_steps, num_images_per_prompt, generator, output_type)
         batch = len(prompts)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise QSchedError(f"got {len(generator)} generators for {batch} images; pass one per image")
         device = self._execution_device
         dtype = self.unet.dtype
 
@@ -151,33 +130,89 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
                 pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
 
-        if output_type == "latent":
-            images: Any = latents
-        else:
-            pixels = unpatchify(latents, int(self.config.patch_size)).clamp(-1, 1)
-            pixels = pixels.repeat(1, 3 // IMAGE_CHANNELS, 1, 1)
-            images = self.image_processor.postprocess(pixels.float(), output_type=output_type)
+        images = to_images(latents, int(self.config.patch_size), output_type, self.image_processor)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
 
 
+def register_with_text(pipe: DiffusionPipeline, *, text_encoder: Any, tokenizer: Any, **components: Any) -> None:
+    """Register ``components`` and the text encoder / tokenizer; missing ones come from the pip package.
+
+    Components from the pip package stay registered as (None, None) in the config, so
+    ``save_pretrained`` does not copy them; the attributes still hold the loaded objects.
+    """
+    pipe.register_modules(**components, text_encoder=text_encoder, tokenizer=tokenizer)
+    if text_encoder is None:
+        device = next(iter(c.device for c in components.values() if isinstance(c, torch.nn.Module)), "cpu")
+        pipe.text_encoder = load_text_encoder().to(device)
+    if tokenizer is None:
+        pipe.tokenizer = load_tokenizer()
+
+
+def check_call(
+    prompt: str | list[str], num_inference_steps: int, num_images_per_prompt: int, generator: Any, output_type: str
+) -> list[str]:
+    """Validate the common call arguments of the built-in pipelines; the prompts, one per image."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise QSchedError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if int(num_inference_steps) < 1:
+        raise QSchedError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if output_type not in OUTPUT_TYPES:
+        raise QSchedError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise QSchedError(f"got {len(generator)} generators for {len(prompts)} images; pass one per image")
+    return prompts
+
+
+def to_images(latents: torch.Tensor, patch_size: int, output_type: str, processor: VaeImageProcessor) -> Any:
+    """Patchified pixels [B, C*p*p, H/p, W/p] -> images of ``output_type`` (gray repeated to RGB)."""
+    if output_type == "latent":
+        return latents
+    pixels = unpatchify(latents, patch_size).clamp(-1, 1)
+    pixels = pixels.repeat(1, 3 // IMAGE_CHANNELS, 1, 1)
+    return processor.postprocess(pixels.float(), output_type=output_type)
+
+
+#: Names of the shipped pipeline folders under ``ASSETS``.
+SHIPPED = ("student", "teacher", "flow-student", "flow-teacher")
+
+
 def load_builtin_pipeline(
     name_or_path: str | Path = "student", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> QSchedBuiltinPipeline:
-    """Load the shipped ``"student"`` / ``"teacher"`` or a saved folder; clear errors for missing files."""
-    folder = ASSETS / str(name_or_path) if str(name_or_path) in ("student", "teacher") else Path(name_or_path)
-    required = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                "scheduler/scheduler_config.json"]
-    for rel in required:
+) -> DiffusionPipeline:
+    """Load a shipped pipeline (``SHIPPED``) or a saved folder of either built-in pipeline class.
+
+    The class (UNet or flow) comes from the folder's ``model_index.json``; missing or
+    corrupt files raise a ``QSchedError`` saying what to do.
+    """
+    folder = ASSETS / str(name_or_path) if str(name_or_path) in SHIPPED else Path(name_or_path)
+    hint = ("reinstall qsched or retrain (python -m qsched.builtin.train, see qsched/builtin/MODEL_CARD.md)")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise QSchedError(f"built-in pipeline file {index_file} is missing; {hint}")
+    try:
+        class_name = json.loads(index_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QSchedError(f"cannot read {index_file}: {exc}") from exc
+    if class_name == "QSchedBuiltinFlowPipeline":
+        from qsched.builtin.flow_pipeline import QSchedBuiltinFlowPipeline as cls
+        denoiser = "transformer"
+    elif class_name == QSchedBuiltinPipeline.__name__:
+        cls, denoiser = QSchedBuiltinPipeline, "unet"
+    else:
+        raise QSchedError(f"{folder} holds a {class_name!r}, not a built-in pipeline")
+    for rel in [f"{denoiser}/config.json", f"{denoiser}/diffusion_pytorch_model.safetensors",
+                "scheduler/scheduler_config.json"]:
         if not (folder / rel).is_file():
-            raise QSchedError(f"built-in pipeline file {folder / rel} is missing; reinstall qsched or retrain "
-                              "(python -m qsched.builtin.train, see qsched/builtin/MODEL_CARD.md)")
+            raise QSchedError(f"built-in pipeline file {folder / rel} is missing; {hint}")
     from safetensors import SafetensorError
 
     try:
-        pipe = QSchedBuiltinPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+        pipe = cls.from_pretrained(str(folder), torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise QSchedError(f"cannot load the built-in pipeline from {folder} (corrupt or incompatible file?): {exc}") from exc
     pipe.set_progress_bar_config(disable=True)

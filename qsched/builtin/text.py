@@ -57,8 +57,9 @@ def encode_prompts(
     tokenizer: "PreTrainedTokenizerBase",
     text_encoder: "BertModel",
     device: "torch.device | str | None" = None,
+    max_length: int | None = None,
 ) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Token states [B, L, 384] and attention mask [B, L] (L = tokenizer.model_max_length).
+    """Token states [B, L, 384] and attention mask [B, L] (L = ``max_length``, else tokenizer.model_max_length).
 
     Prompts longer than L tokens are truncated with a warning; the empty prompt is
     ``[CLS] [SEP]`` and is also the unconditional prompt for classifier-free guidance.
@@ -66,7 +67,7 @@ def encode_prompts(
     import torch
 
     prompts = list(prompts)
-    max_length = int(tokenizer.model_max_length)
+    max_length = int(max_length or tokenizer.model_max_length)
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
     for prompt, ids in zip(prompts, full):
