@@ -2,6 +2,8 @@
 
     python -m qsched.builtin.train teacher [--steps N] [--batch-size B] [--threads T] [--out DIR] [--resume]
     python -m qsched.builtin.train student [--teacher DIR] [...same options]
+    python -m qsched.builtin.train flow-teacher [...same options]    # rectified-flow transformer (builtin-flow)
+    python -m qsched.builtin.train flow-student [--teacher DIR] [...same options]
     python -m qsched.builtin.train ship SRC DST [--fp32]     # pipeline folder -> package assets
 
 Each stage checkpoints to ``OUT/checkpoint`` every few minutes, logs to ``OUT/train.log``
@@ -19,7 +21,19 @@ from qsched.errors import QSchedError
 DEFAULTS = {
     "teacher": dict(out="runs/builtin/teacher", steps=4000, batch_size=64, lr=3e-4),
     "student": dict(out="runs/builtin/student", steps=1200, batch_size=32, lr=1e-4),
+    "flow-teacher": dict(out="runs/builtin/flow-teacher", steps=1800, batch_size=64, lr=3e-4),
+    "flow-student": dict(out="runs/builtin/flow-student", steps=1500, batch_size=32, lr=1e-4),
 }
+FLOW_STAGES = ("flow-teacher", "flow-student")
+
+
+def shapes_of(stage: str) -> dict:
+    """The denoiser shapes a stage accepts (``--shape``)."""
+    if stage in FLOW_STAGES:
+        from qsched.builtin.flow import SHAPES
+    else:
+        from qsched.builtin.unet import SHAPES
+    return SHAPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=d["lr"])
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
-        p.add_argument("--shape", default="default", help="denoiser shape name (qsched.builtin.unet.SHAPES)")
+        p.add_argument("--shape", default="default", help="denoiser shape name (qsched.builtin."
+                       f"{'flow' if stage in FLOW_STAGES else 'unet'}.SHAPES)")
         p.add_argument("--max-templates", type=int, default=None, help=argparse.SUPPRESS)
         p.add_argument("--checkpoint-minutes", type=float, default=5.0)
         p.add_argument("--log-every", type=int, default=25)
@@ -46,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--huber-reduction", choices=("image", "element"), default="image",
                            help="norm of the pseudo-Huber loss per image (iCT, default) or per pixel "
                            "(diffusers' LCM script; the first student's recipe, with --huber-c 0.001)")
+        if stage == "flow-teacher":
+            p.add_argument("--sigma-sampling", choices=("uniform", "logit-normal"), default="uniform",
+                           help="noise-level distribution of the flow-matching loss (default %(default)s)")
+        if stage == "flow-student":
+            p.add_argument("--teacher", default="runs/builtin/flow-teacher/pipeline", help="flow teacher pipeline folder")
+            p.add_argument("--loss", choices=("pseudo-huber", "mse"), default="pseudo-huber",
+                           help="consistency loss (default %(default)s, per-image, iCT's c = 0.00054 * sqrt(1024))")
+            p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant (default: iCT's)")
+            p.add_argument("--guidance-scale", type=float, default=3.0,
+                           help="the teacher's CFG scale, baked into the student (default %(default)s)")
     ship = sub.add_parser("ship", help="copy a trained pipeline folder into the package assets (fp16 weights)")
     ship.add_argument("src", help="pipeline folder, e.g. runs/builtin/student/pipeline")
     ship.add_argument("dst", help="destination, e.g. qsched/builtin/assets/student")
@@ -57,14 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qsched.builtin import train_common as tc
     from qsched.builtin.data import DEFAULT_ROOT
-    from qsched.builtin.unet import SHAPES
 
     try:
         if args.stage == "ship":
             print(tc.ship_pipeline(args.src, args.dst, fp16=not args.fp32))
             return 0
-        if args.shape not in SHAPES:
-            raise QSchedError(f"unknown --shape {args.shape!r}; allowed: {sorted(SHAPES)}")
+        shapes = shapes_of(args.stage)
+        if args.shape not in shapes:
+            raise QSchedError(f"unknown --shape {args.shape!r}; allowed: {sorted(shapes)}")
         if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
             raise QSchedError("--steps, --batch-size and --threads must be positive")
         opts = tc.RunOptions(
@@ -77,6 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qsched.builtin.train_teacher import train_teacher
 
             folder = train_teacher(opts)
+        elif args.stage == "flow-teacher":
+            from qsched.builtin.train_flow_teacher import FlowTeacherConfig, train_flow_teacher
+
+            folder = train_flow_teacher(opts, FlowTeacherConfig(sigma_sampling=args.sigma_sampling))
+        elif args.stage == "flow-student":
+            from qsched.builtin.train_flow_student import FlowStudentConfig, train_flow_student
+
+            cfg = FlowStudentConfig(loss=args.loss, huber_c=args.huber_c, guidance_scale=args.guidance_scale)
+            folder = train_flow_student(opts, teacher=args.teacher, cfg=cfg)
         else:
             from qsched.builtin.train_student import StudentConfig, train_student
 

@@ -96,9 +96,12 @@ class ImageBatches:
 
 
 class CaptionBank:
-    """Text-encoder states of every training caption, computed once (the encoder is frozen)."""
+    """Text-encoder states of every training caption, computed once (the encoder is frozen).
 
-    def __init__(self, *, max_templates: int | None = None) -> None:
+    ``max_length``: tokens per caption (default: the tokenizer's, 32).
+    """
+
+    def __init__(self, *, max_templates: int | None = None, max_length: int | None = None) -> None:
         templates = cap.TRAIN_TEMPLATES[: max_templates or None]
         pairs = [(t.format(p), label) for label, ps in enumerate(cap.CLASS_PHRASES) for p in ps for t in templates]
         prompts = [p for p, _ in pairs] + [""]  # last = unconditional
@@ -106,7 +109,7 @@ class CaptionBank:
         t0 = time.perf_counter()
         states, masks = [], []
         for i in range(0, len(prompts), 64):
-            s, m = encode_prompts(prompts[i : i + 64], tokenizer=tokenizer, text_encoder=encoder)
+            s, m = encode_prompts(prompts[i : i + 64], tokenizer=tokenizer, text_encoder=encoder, max_length=max_length)
             states.append(s)
             masks.append(m)
         self.states = torch.cat(states)
@@ -301,35 +304,90 @@ def train_loop(
     return total
 
 
+def fit(
+    out: Path, opts: RunOptions, *, stage: str, model: torch.nn.Module, shadow: tuple[str, torch.nn.Module],
+    loss_fn: Callable[[int], torch.Tensor], shadow_decay: Callable[[int], float], warmup_steps: int,
+    grad_clip: float, config: Mapping[str, Any], gen: torch.Generator,
+) -> None:
+    """Train ``model`` (resuming from ``out`` when ``opts.resume``): AdamW, linear warm-up, gradient clipping.
+
+    ``shadow`` = (checkpoint prefix, module) is an exponential moving average of ``model``
+    (the teacher's EMA, a consistency student's target), updated after every step with
+    ``shadow_decay(step)``. ``loss_fn(step)`` draws its batch from ``gen`` (checkpointed with
+    the weights, so a resumed run draws what an uninterrupted one would have drawn).
+    """
+    shadow_name, shadow_module = shadow
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+    modules = {"model": model, shadow_name: shadow_module}
+    start, elapsed = resume_from_checkpoint(out, modules=modules, opt=opt, gen=gen) if opts.resume else (0, 0.0)
+
+    def step_fn(step: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = opts.lr * min(1.0, (step + 1) / warmup_steps)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        ema_update(shadow_module, model, shadow_decay(step))
+        return float(loss.detach())
+
+    def checkpoint_fn(step: int, total: float) -> None:
+        write_checkpoint(out, stage=stage, step=step, opts=opts, config=config, total=total, modules=modules,
+                         opt=opt, gen=gen)
+
+    model.train()
+    t0 = time.perf_counter()
+    train_loop(start_step=start, steps=opts.steps, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
+               elapsed_before=elapsed, opts=opts)
+    logger.info("wall time this run %.1f min", (time.perf_counter() - t0) / 60)
+
+
+def save_pipeline(folder: Path, pipe: Any) -> Path:
+    """``pipe.save_pretrained(folder)`` (the text encoder stays in its pip package), logged."""
+    pipe.save_pretrained(str(folder))
+    logger.info("pipeline written to %s", folder)
+    return folder
+
+
 def export_pipeline(folder: Path, *, unet: torch.nn.Module, scheduler: Any) -> Path:
     """Save ``unet`` + ``scheduler`` as a QSchedBuiltinPipeline folder (text encoder from the pip package)."""
     from qsched.builtin.pipeline import QSchedBuiltinPipeline
 
-    pipe = QSchedBuiltinPipeline(unet=unet, scheduler=scheduler)
-    pipe.save_pretrained(str(folder))
-    logger.info("pipeline written to %s", folder)
-    return folder
+    return save_pipeline(folder, QSchedBuiltinPipeline(unet=unet, scheduler=scheduler))
 
 
 def env_threads_note() -> str:
     return f"threads={torch.get_num_threads()} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
 
 
+#: The denoiser components of the built-in pipeline folders, as saved by diffusers.
+DENOISERS = ("unet", "transformer")
+
+
 def ship_pipeline(src: str | Path, dst: str | Path, *, fp16: bool = True) -> Path:
     """Copy a pipeline folder to ``dst`` (e.g. ``qsched/builtin/assets/student``), weights in fp16.
 
     fp16 halves the shipped size; ``from_pretrained`` loads the weights back as float32.
+    Works for both built-in pipelines (denoiser ``unet`` or ``transformer``).
     """
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     src, dst = Path(src), Path(dst)
     if not (src / "model_index.json").is_file():
         raise QSchedError(f"{src} is not a pipeline folder (no model_index.json)")
+    index = json.loads((src / "model_index.json").read_text(encoding="utf-8"))
+    denoiser = next((name for name in DENOISERS if name in index), None)
+    if denoiser is None:
+        raise QSchedError(f"{src} has no denoiser component ({' or '.join(DENOISERS)}) in its model_index.json")
+    cls = getattr(diffusers, str(index[denoiser][1]), None)
+    if cls is None:
+        raise QSchedError(f"{src}: diffusers {diffusers.__version__} has no model class {index[denoiser][1]!r}")
     check_output_path(dst, option="DST")
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("unet"))
-    unet = UNet2DConditionModel.from_pretrained(str(src / "unet"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(denoiser))
+    model = cls.from_pretrained(str(src / denoiser))
     if fp16:
-        unet = unet.to(torch.float16)
-    unet.save_pretrained(str(dst / "unet"))
+        model = model.half()  # not .to(float16): diffusers 0.42 warns on every dtype .to() (empty fp32 list)
+    model.save_pretrained(str(dst / denoiser))
     return dst

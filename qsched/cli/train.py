@@ -1,4 +1,4 @@
-"""``qsched train``: train a stage of the built-in model (teacher, student, clip).
+"""``qsched train``: train a stage of the built-in models (teacher, student, flow-teacher, flow-student, clip).
 
 A thin forwarder: the stage's own command line (``python -m qsched.builtin.train``
 or ``python -m qsched.builtin.clip_train``) parses the rest of the arguments.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-STAGES = ("teacher", "student", "ship", "clip")
+STAGES = ("teacher", "student", "flow-teacher", "flow-student", "ship", "clip")
 
 
 def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
@@ -18,7 +18,9 @@ def add_parser(sub: Any, *, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="train a stage of the built-in model (long; run it in the background)",
         description="Train the built-in model: teacher, student (LCM distillation from the teacher), "
-        "ship (copy a trained pipeline into the package) or clip (the JAQ scorer). Every stage "
+        "flow-teacher, flow-student (the rectified-flow transformer and its consistency-distilled "
+        "student, family builtin-flow), ship (copy a trained pipeline into the package) or clip "
+        "(the JAQ scorer). Every stage "
         "checkpoints and resumes with --resume; see qsched/builtin/MODEL_CARD.md. "
         "Arguments after STAGE go to the stage, e.g. `qsched train student -h`.",
     )

@@ -1,0 +1,136 @@
+"""Flow student: consistency distillation of the flow teacher in the flow parameterisation.
+
+The student's clean-image estimate is ``f(x_s, s) = x_s - s * v_student(x_s, s)`` (so
+``f(x, 0) = x``: the boundary condition holds by construction). One FlowMatchEuler step
+``s -> s'`` on the student's velocity is ``x_s + (s' - s) v = (s'/s) x_s + (1 - s'/s) f``:
+re-noising the estimate with the noise it implies. So sampling the student with
+FlowMatchEuler at 1, 2 or 4 steps *is* its multistep consistency sampler, with no
+scheduler of its own (FLUX.1-schnell is sampled the same way).
+
+Per step: noise a batch to a grid level ``s = k/N`` (k = 1..N, N = 40, so the 1-, 2-, 4- and
+8-step sigmas of FluxPipeline lie on the grid); one Euler step of the classifier-free-guided
+teacher (fixed scale, baked into the student since it has no guidance input) gives
+``x_{s'}`` at ``s' = (k-1)/N``; the loss compares the student's ``f(x_s, s)`` with the EMA
+target's ``f(x_{s'}, s')`` (= ``x_{s'}`` itself at ``s' = 0``). Loss: pseudo-Huber on the
+per-image distance with iCT's ``c = 0.00054 * sqrt(d)`` (d = 1024 values per image), or MSE.
+The student starts as a copy of the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qsched.builtin import train_common as tc
+from qsched.builtin.flow import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, make_scheduler, pack, pooled_text, velocity
+from qsched.errors import QSchedError
+
+LOSSES = ("pseudo-huber", "mse")
+
+
+@dataclass(frozen=True)
+class FlowStudentConfig:
+    num_sigmas: int = 40  # distillation grid k/N, k = 1..N
+    guidance_scale: float = 3.0  # the teacher's CFG scale, baked into the student
+    target_ema_decay: float = 0.95
+    loss: str = "pseudo-huber"
+    huber_c: float | None = None  # None: iCT's 0.00054 * sqrt(values per image)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise QSchedError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.num_sigmas < 1 or self.guidance_scale < 1.0:
+            raise QSchedError(f"num_sigmas must be >= 1 and guidance_scale >= 1, got {self.num_sigmas}, {self.guidance_scale}")
+        if self.huber_c is not None and self.huber_c <= 0:
+            raise QSchedError(f"huber_c must be positive, got {self.huber_c}")
+
+
+def ict_huber_c(values_per_image: int) -> float:
+    """iCT's pseudo-Huber constant, ``0.00054 * sqrt(d)`` (Song & Dhariwal 2023)."""
+    return 0.00054 * math.sqrt(values_per_image)
+
+
+def pseudo_huber_per_image(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Mean over the batch of ``sqrt(||a_i - b_i||^2 + c^2) - c`` (the norm over each image's values)."""
+    sq = (a.float() - b.float()).flatten(1).square().sum(1)
+    return (torch.sqrt(sq + c**2) - c).mean()
+
+
+def load_flow_teacher(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The teacher transformer (frozen, eval) and its pipeline config (``model_index.json``)."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = Path(folder)
+    if not (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
+        raise QSchedError(f"no flow teacher pipeline in {folder} (missing transformer weights); train it first: "
+                          "python -m qsched.builtin.train flow-teacher")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    if index.get("distilled"):
+        raise QSchedError(f"{folder} holds a distilled student, not a teacher; pass the flow-teacher pipeline")
+    model = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"), torch_dtype=torch.float32)
+    return model.eval().requires_grad_(False), index
+
+
+def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStudentConfig = FlowStudentConfig()) -> Path:
+    """Distil (or resume distilling) the student from the flow teacher's pipeline folder; returns the exported pipeline."""
+    from diffusers import FluxTransformer2DModel
+
+    from qsched.builtin.flow_pipeline import QSchedBuiltinFlowPipeline
+
+    out = tc.setup_run(opts)
+    torch.manual_seed(opts.seed)
+    teacher_model, index = load_flow_teacher(teacher)
+    patch_size = int(index.get("patch_size", 2))
+    max_length = int(index.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+    student = FluxTransformer2DModel.from_config(teacher_model.config)
+    student.load_state_dict(teacher_model.state_dict())
+    target = FluxTransformer2DModel.from_config(teacher_model.config)
+    target.load_state_dict(teacher_model.state_dict())
+    target.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(opts.seed)
+    tc.logger.info("flow student: %.2fM parameters from teacher %s, %s",
+                   sum(p.numel() for p in student.parameters()) / 1e6, teacher, tc.env_threads_note())
+    images = tc.ImageBatches(data_root=opts.data_root, patch_size=patch_size)
+    bank = tc.CaptionBank(max_templates=opts.max_templates, max_length=max_length)
+    size = IMAGE_SIZE // patch_size
+    values = IMAGE_SIZE * IMAGE_SIZE  # d of iCT: values per image (1 channel)
+    huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(values)
+    n = cfg.num_sigmas
+
+    def loss_fn(step: int) -> torch.Tensor:
+        b = opts.batch_size
+        latents, labels = images.sample(b, gen)
+        x0 = pack(latents)
+        ctx, mask, _ = bank.sample(labels, gen)
+        pooled = pooled_text(ctx, mask)
+        null_ctx, null_mask = bank.null(b)
+        null_pooled = pooled_text(null_ctx, null_mask)
+        k = torch.randint(1, n + 1, (b,), generator=gen)
+        s, s_prev = k.float() / n, (k - 1).float() / n
+        noise = torch.randn(x0.shape, generator=gen)
+        sv, spv = s.view(-1, 1, 1), s_prev.view(-1, 1, 1)
+        xs = (1 - sv) * x0 + sv * noise
+        f_student = xs - sv * velocity(student, xs, s, ctx, pooled, height=size, width=size)
+        with torch.no_grad():
+            v_c, v_u = velocity(teacher_model, torch.cat([xs, xs]), torch.cat([s, s]), torch.cat([ctx, null_ctx]),
+                                torch.cat([pooled, null_pooled]), height=size, width=size).chunk(2)
+            x_prev = xs + (spv - sv) * (v_u + cfg.guidance_scale * (v_c - v_u))  # one Euler step s -> s'
+            f_target = x_prev - spv * velocity(target, x_prev, s_prev, ctx, pooled, height=size, width=size)
+        if cfg.loss == "mse":
+            return torch.nn.functional.mse_loss(f_student, f_target)
+        return pseudo_huber_per_image(f_student, f_target, huber_c)
+
+    tc.fit(out, opts, stage="flow-student", model=student, shadow=("target", target), loss_fn=loss_fn,
+           shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
+           config={**asdict(cfg), "huber_c_used": huber_c, "teacher": str(teacher)}, gen=gen)
+    pipe = QSchedBuiltinFlowPipeline(transformer=target.eval(), scheduler=make_scheduler(), patch_size=patch_size,
+                                     max_sequence_length=max_length, distilled=True,
+                                     default_guidance_scale=cfg.guidance_scale)
+    return tc.save_pipeline(out / tc.PIPELINE_DIR, pipe)
