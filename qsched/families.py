@@ -67,8 +67,8 @@ class FamilySpec:
     """One few-step model family: what it matches, and how to sample it.
 
     Mapping-valued options (``scheduler_overrides``, ``call_overrides``,
-    ``detect_denoiser_config``) accept a dict and are stored as sorted tuples of
-    pairs, so a spec stays frozen and hashable.
+    ``detect_denoiser_config``, ``detect_pipeline_config``) accept a dict and are stored
+    as sorted tuples of pairs, so a spec stays frozen and hashable.
     """
 
     name: str
@@ -86,6 +86,8 @@ class FamilySpec:
     detect_schedulers: tuple[str, ...] = ()
     #: Denoiser config values a pipeline must have to be detected as this family.
     detect_denoiser_config: Pairs | Mapping[str, Any] = ()
+    #: Pipeline config values (``model_index.json``) a pipeline must have to be detected as this family.
+    detect_pipeline_config: Pairs | Mapping[str, Any] = ()
     #: Extra keyword arguments for the pipeline call (e.g. ``max_sequence_length``).
     call_overrides: Pairs | Mapping[str, Any] = ()
     lora_hub_id: str | None = None
@@ -105,7 +107,7 @@ class FamilySpec:
             raise QSchedError(
                 f"family name {self.name!r} must be lowercase letters, digits, '.', '_' or '-'"
             )
-        for attr in ("scheduler_overrides", "detect_denoiser_config", "call_overrides"):
+        for attr in ("scheduler_overrides", "detect_denoiser_config", "detect_pipeline_config", "call_overrides"):
             object.__setattr__(self, attr, _as_pairs(getattr(self, attr), f"{self.name}.{attr}"))
         object.__setattr__(self, "pipeline_classes", tuple(self.pipeline_classes))
         object.__setattr__(self, "detect_schedulers", tuple(self.detect_schedulers))
@@ -214,7 +216,10 @@ def family_names() -> list[str]:
 
 
 def _match(
-    pipeline_names: list[str], scheduler_names: Iterable[str], denoiser_config: Mapping[str, Any]
+    pipeline_names: list[str],
+    scheduler_names: Iterable[str],
+    denoiser_config: Mapping[str, Any],
+    pipeline_config: Mapping[str, Any],
 ) -> list[FamilySpec]:
     """Families matching the most specific pipeline class name (first in ``pipeline_names``)."""
     schedulers = set(scheduler_names)
@@ -225,6 +230,7 @@ def _match(
             if name in spec.pipeline_classes
             and (not spec.detect_schedulers or schedulers & set(spec.detect_schedulers))
             and all(denoiser_config.get(k) == v for k, v in spec.detect_denoiser_config)
+            and all(pipeline_config.get(k) == v for k, v in spec.detect_pipeline_config)
         ]
         if found:
             return found
@@ -232,9 +238,12 @@ def _match(
 
 
 def _detect(
-    pipeline_names: list[str], scheduler_names: list[str], denoiser_config: Mapping[str, Any]
+    pipeline_names: list[str],
+    scheduler_names: list[str],
+    denoiser_config: Mapping[str, Any],
+    pipeline_config: Mapping[str, Any],
 ) -> FamilySpec:
-    found = _match(pipeline_names, scheduler_names, denoiser_config)
+    found = _match(pipeline_names, scheduler_names, denoiser_config, pipeline_config)
     if len(found) == 1:
         return found[0]
     scheduler = scheduler_names[0] if scheduler_names else "no scheduler"
@@ -263,7 +272,7 @@ def detect_family(pipe: Any) -> FamilySpec:
         module = getattr(pipe, spec.denoiser_attr, None)
         if module is not None and hasattr(module, "config"):
             configs.update(dict(module.config))
-    return _detect(pipeline_names, scheduler_names, configs)
+    return _detect(pipeline_names, scheduler_names, configs, dict(getattr(pipe, "config", {})))
 
 
 # --- loading ---------------------------------------------------------------------
@@ -344,7 +353,7 @@ def _detect_from_folder(folder: Path, index: Mapping[str, Any]) -> FamilySpec:
                 configs.update(json.loads(config_file.read_text(encoding="utf-8")))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise QSchedError(f"cannot read {config_file}: {err}") from err
-    return _detect([index["_class_name"]], [scheduler] if scheduler else [], configs)
+    return _detect([index["_class_name"]], [scheduler] if scheduler else [], configs, index)
 
 
 def _import_pipeline_class(spec: FamilySpec) -> Any:
@@ -582,24 +591,33 @@ _BUILTIN_SCHEDULE_NOTE = (
 
 
 def _builtin_spec(stage: str, *, description: str, scheduler_class: str, default_steps: int,
-                  allowed_steps: tuple[int, ...]) -> FamilySpec:
-    """A family of the built-in model; ``stage`` is its folder under the shipped assets."""
+                  allowed_steps: tuple[int, ...], **flow: Any) -> FamilySpec:
+    """A family of the built-in models; ``stage`` is its folder under the shipped assets.
+
+    The name is ``builtin-<stage>`` without ``-student``: ``builtin``, ``builtin-teacher``,
+    ``builtin-flow``, ``builtin-flow-teacher``. ``flow`` holds the FamilySpec fields where the
+    rectified-flow pipeline differs from the UNet one.
+    """
+    fields: dict[str, Any] = dict(
+        pipeline_classes=("QSchedBuiltinPipeline",),
+        denoiser_attr="unet",
+        pipeline_class="qsched.builtin.pipeline:QSchedBuiltinPipeline",
+        notes=_BUILTIN_SCHEDULE_NOTE,
+    )
+    fields.update(flow)
     return FamilySpec(
-        name="builtin" if stage == "student" else f"builtin-{stage}",
+        name=f"builtin-{stage}".removesuffix("-student"),
         description=description,
         hub_id="(shipped with qsched)",
-        pipeline_classes=("QSchedBuiltinPipeline",),
         scheduler_class=scheduler_class,
         detect_schedulers=(scheduler_class,),
         default_steps=default_steps,
         allowed_steps=allowed_steps,
         guidance_scale=3.0,
-        denoiser_attr="unet",
-        pipeline_class="qsched.builtin.pipeline:QSchedBuiltinPipeline",
         default_folder=str(_BUILTIN_ASSETS / stage),
         default_folder_hint=f"train it with `python -m qsched.builtin.train {stage}` "
         "(see qsched/builtin/MODEL_CARD.md)",
-        notes=_BUILTIN_SCHEDULE_NOTE,
+        **fields,
     )
 
 
@@ -610,4 +628,25 @@ register_family(_builtin_spec(
 register_family(_builtin_spec(
     "teacher", description="the many-step teacher of the built-in model (DDIM, classifier-free guidance)",
     scheduler_class="DDIMScheduler", default_steps=25, allowed_steps=(4, 8, 10, 25, 50),
+))
+
+_BUILTIN_FLOW = dict(
+    pipeline_classes=("QSchedBuiltinFlowPipeline",),
+    denoiser_attr="transformer",
+    pipeline_class="qsched.builtin.flow_pipeline:QSchedBuiltinFlowPipeline",
+    scheduler_overrides={"use_dynamic_shifting": False, "shift": 1.0},  # as FLUX.1-schnell
+    notes="Rectified-flow FluxTransformer2DModel on 2x2-patchified, FLUX-packed 32x32 Fashion-MNIST pixels "
+    "with the MiniLM text encoder; FlowMatchEuler as FLUX.1-schnell; see qsched/builtin/MODEL_CARD.md.",
+)
+register_family(_builtin_spec(
+    "flow-student", description="qsched's own FLUX.1-schnell-like model (rectified flow, consistency-distilled, "
+    "guidance 3 baked in, Fashion-MNIST, 32x32)",
+    scheduler_class="FlowMatchEulerDiscreteScheduler", default_steps=4, allowed_steps=(1, 2, 4),
+    detect_pipeline_config={"distilled": True}, **_BUILTIN_FLOW,
+))
+register_family(_builtin_spec(
+    "flow-teacher", description="the many-step teacher of the built-in flow model (FlowMatchEuler, "
+    "classifier-free guidance)",
+    scheduler_class="FlowMatchEulerDiscreteScheduler", default_steps=25, allowed_steps=(4, 8, 10, 25, 50),
+    detect_pipeline_config={"distilled": False}, **_BUILTIN_FLOW,
 ))

@@ -1,0 +1,112 @@
+"""Training stages of the built-in flow model: one step each, checkpoint + resume, export, ship."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qsched.builtin.data import write_fake_dataset
+from qsched.builtin.flow_pipeline import QSchedBuiltinFlowPipeline
+from qsched.builtin.train import main
+from qsched.builtin.train_flow_student import FlowStudentConfig, ict_huber_c, pseudo_huber_per_image
+from qsched.builtin.train_flow_teacher import FlowTeacherConfig, sample_sigmas
+from qsched.errors import QSchedError
+from qsched.families import load_pipeline
+
+TINY = ["--shape", "tiny", "--max-templates", "1", "--batch-size", "4", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(write_fake_dataset(tmp_path_factory.mktemp("fmnist"), n=16))
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoint" / "state.safetensors"))
+
+
+def _assert_same_weights(a, b, prefixes):
+    wa, wb = _weights(a), _weights(b)
+    keys = [k for k in wa if k.split(".")[0] in prefixes]
+    assert keys and all(torch.equal(wa[k], wb[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, data):
+    """A teacher trained 2 steps, checkpointed, then resumed to 4 steps."""
+    out = tmp_path_factory.mktemp("flow") / "teacher"
+    args = ["flow-teacher", "--out", str(out), "--data-root", data, *TINY]
+    assert main([*args, "--steps", "2"]) == 0
+    meta = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert meta["stage"] == "flow-teacher" and meta["step"] == 2
+    assert main([*args, "--steps", "4"]) == 2  # an existing checkpoint without --resume is refused
+    assert main([*args, "--steps", "4", "--resume"]) == 0
+    assert "resumed from step 2" in (out / "train.log").read_text()
+    return out
+
+
+def test_teacher_resume_equals_an_uninterrupted_run(teacher_run, data, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(["flow-teacher", "--out", str(straight), "--data-root", data, "--steps", "4", *TINY]) == 0
+    assert "step 4/4" in (straight / "train.log").read_text()
+    _assert_same_weights(teacher_run, straight, {"model", "ema", "optim"})
+    pipe = QSchedBuiltinFlowPipeline.from_pretrained(str(teacher_run / "pipeline"))
+    assert not pipe.is_distilled and type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+
+
+def test_student_resume_export_and_ship(teacher_run, data, tmp_path):
+    common = ["flow-student", "--teacher", str(teacher_run / "pipeline"), "--data-root", data, *TINY]
+    split = tmp_path / "split"
+    assert main([*common, "--out", str(split), "--steps", "1"]) == 0
+    assert main([*common, "--out", str(split), "--steps", "3", "--resume"]) == 0
+    straight = tmp_path / "straight"
+    assert main([*common, "--out", str(straight), "--steps", "3"]) == 0
+    _assert_same_weights(split, straight, {"model", "target", "optim"})
+    meta = json.loads((straight / "checkpoint" / "state.json").read_text())
+    assert meta["config"]["huber_c_used"] == pytest.approx(0.00054 * 32)
+
+    loaded = load_pipeline(straight / "pipeline")
+    assert loaded.family.name == "builtin-flow" and loaded.pipe.is_distilled
+    assert loaded.pipe.config.default_guidance_scale == 3.0
+
+    shipped = tmp_path / "assets" / "flow-student"
+    assert main(["ship", str(straight / "pipeline"), str(shipped)]) == 0
+    with safe_open(str(shipped / "transformer" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    again = QSchedBuiltinFlowPipeline.from_pretrained(str(shipped))
+    assert again.transformer.dtype == torch.float32 and again.is_distilled
+
+
+def test_student_needs_a_teacher(data, tmp_path, teacher_run):
+    args = ["flow-student", "--data-root", data, "--steps", "1", *TINY]
+    assert main([*args, "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "a")]) == 2
+    student = tmp_path / "s"
+    assert main([*args, "--teacher", str(teacher_run / "pipeline"), "--out", str(student)]) == 0
+    assert main([*args, "--teacher", str(student / "pipeline"), "--out", str(tmp_path / "b")]) == 2
+
+
+def test_unknown_shape_is_refused(data, tmp_path):
+    assert main(["flow-teacher", "--steps", "1", "--out", str(tmp_path / "t"), "--data-root", data,
+                 "--batch-size", "2", "--shape", "huge"]) == 2
+
+
+def test_loss_pieces():
+    a, b = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    b[0, 0, 0], b[1, 0, 0] = 3.0, 4.0  # per-image distances 3 and 4
+    c = ict_huber_c(1024)
+    assert c == pytest.approx(0.01728)
+    expected = ((math.sqrt(9 + c * c) - c) + (math.sqrt(16 + c * c) - c)) / 2
+    assert float(pseudo_huber_per_image(a, b, c)) == pytest.approx(expected)
+    gen = torch.Generator().manual_seed(0)
+    for how in ("uniform", "logit-normal"):
+        s = sample_sigmas(1000, gen, how)
+        assert 0.0 <= float(s.min()) and float(s.max()) <= 1.0
+    with pytest.raises(QSchedError, match="sigma_sampling"):
+        FlowTeacherConfig(sigma_sampling="cosine")
+    with pytest.raises(QSchedError, match="loss"):
+        FlowStudentConfig(loss="l1")
