@@ -57,6 +57,22 @@ def test_teacher_resume_equals_an_uninterrupted_run(teacher_run, data, tmp_path)
     _assert_same_weights(teacher_run, straight, {"model", "ema", "optim"})
     pipe = QSchedBuiltinFlowPipeline.from_pretrained(str(teacher_run / "pipeline"))
     assert not pipe.is_distilled and type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+    _assert_checkpoint_pipeline_is_exported(teacher_run, pipe)
+
+
+def _public(config):
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _assert_checkpoint_pipeline_is_exported(run, exported):
+    """quick_eval's pipeline from the checkpoint has the exported (EMA / target) weights and config."""
+    from qsched.builtin.quick_eval import load_any
+
+    from_checkpoint = load_any(str(run / "checkpoint"))
+    assert isinstance(from_checkpoint, QSchedBuiltinFlowPipeline)
+    assert _public(from_checkpoint.config) == _public(exported.config)
+    a, b = from_checkpoint.transformer.state_dict(), exported.transformer.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_student_resume_export_and_ship(teacher_run, data, tmp_path):
@@ -73,6 +89,7 @@ def test_student_resume_export_and_ship(teacher_run, data, tmp_path):
     loaded = load_pipeline(straight / "pipeline")
     assert loaded.family.name == "builtin-flow" and loaded.pipe.is_distilled
     assert loaded.pipe.config.default_guidance_scale == 3.0
+    _assert_checkpoint_pipeline_is_exported(straight, QSchedBuiltinFlowPipeline.from_pretrained(str(straight / "pipeline")))
 
     shipped = tmp_path / "assets" / "flow-student"
     assert main(["ship", str(straight / "pipeline"), str(shipped)]) == 0

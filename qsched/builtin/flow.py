@@ -97,6 +97,18 @@ def make_transformer(shape: FlowShape) -> "FluxTransformer2DModel":
     return model
 
 
+def transformer_record(model: "torch.nn.Module") -> dict[str, Any]:
+    """``{"transformer_config": ...}``: the model's diffusers config, for a checkpoint's ``state.json``."""
+    return {"transformer_config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")}}
+
+
+def transformer_from_record(config: dict[str, Any]) -> "FluxTransformer2DModel":
+    """A transformer (random weights) with the config :func:`transformer_record` wrote."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_config(config["transformer_config"])
+
+
 def make_scheduler() -> "FlowMatchEulerDiscreteScheduler":
     """FlowMatchEuler as FLUX.1-schnell (teacher and student)."""
     from diffusers import FlowMatchEulerDiscreteScheduler

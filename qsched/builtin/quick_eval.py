@@ -3,8 +3,9 @@
     python -m qsched.builtin.quick_eval runs/builtin/student/pipeline --steps 1 2 4 8 --out runs/builtin/eval/student
     python -m qsched.builtin.quick_eval runs/builtin/teacher/checkpoint --steps 25 --out runs/builtin/eval/teacher
 
-The source may be a pipeline folder, ``student`` / ``teacher`` (the shipped ones) or a
-training checkpoint folder (its EMA / target weights are used). Besides the PNG grids it
+The source may be a pipeline folder (UNet or flow), ``student`` / ``teacher`` /
+``flow-student`` / ``flow-teacher`` (the shipped ones) or a training checkpoint folder
+of any stage (its EMA / target weights are used). Besides the PNG grids it
 reports a cheap, CLIP-free sanity metric: the class agreement of a k-nearest-neighbour
 classifier in pixel space fitted on Fashion-MNIST training images (it scores ~0.85 on the
 real test split); ``--metrics N`` adds FID-EffNet and, once the built-in CLIP is trained,
@@ -28,13 +29,15 @@ from qsched.builtin.data import DEFAULT_ROOT, load_split
 from qsched.errors import QSchedError
 
 
-def pipeline_from_checkpoint(folder: Path) -> "QSchedBuiltinPipeline":  # noqa: F821
+def pipeline_from_checkpoint(folder: Path) -> "DiffusionPipeline":  # noqa: F821
     """A pipeline from a training checkpoint (teacher: EMA weights; student: target weights)."""
     from qsched.builtin.pipeline import QSchedBuiltinPipeline
     from qsched.builtin.train_common import load_checkpoint, load_module
     from qsched.builtin.unet import SHAPES, make_student_scheduler, make_teacher_scheduler, make_unet
 
     tensors, meta = load_checkpoint(folder)
+    if meta["stage"] in ("flow-teacher", "flow-student"):
+        return flow_pipeline_from_checkpoint(tensors, meta)
     student = meta["stage"] == "student"
     shape = SHAPES[meta["options"]["shape"]]
     unet = make_unet(shape, guidance_embedding=student)
@@ -43,7 +46,24 @@ def pipeline_from_checkpoint(folder: Path) -> "QSchedBuiltinPipeline":  # noqa: 
     return QSchedBuiltinPipeline(unet=unet.eval(), scheduler=scheduler, patch_size=shape.patch_size)
 
 
-def load_any(source: str) -> "QSchedBuiltinPipeline":  # noqa: F821
+def flow_pipeline_from_checkpoint(tensors: dict, meta: dict) -> "QSchedBuiltinFlowPipeline":  # noqa: F821
+    """The flow pipeline of a ``flow-teacher`` / ``flow-student`` checkpoint (EMA / target weights)."""
+    from qsched.builtin.flow import MAX_SEQUENCE_LENGTH, make_scheduler, transformer_from_record
+    from qsched.builtin.flow_pipeline import QSchedBuiltinFlowPipeline
+    from qsched.builtin.train_common import load_module
+
+    config = meta["config"]
+    student = meta["stage"] == "flow-student"
+    transformer = transformer_from_record(config)
+    load_module("target" if student else "ema", transformer, tensors)
+    return QSchedBuiltinFlowPipeline(
+        transformer=transformer.eval(), scheduler=make_scheduler(), distilled=student,
+        patch_size=config.get("patch_size", 2), max_sequence_length=config.get("max_sequence_length", MAX_SEQUENCE_LENGTH),
+        **({"default_guidance_scale": config["guidance_scale"]} if student else {}),
+    )
+
+
+def load_any(source: str) -> "DiffusionPipeline":  # noqa: F821
     from qsched.builtin.pipeline import load_builtin_pipeline
 
     path = Path(source)

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 
 from qsched.builtin import train_common as tc
-from qsched.builtin.flow import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, make_scheduler, pack, pooled_text, velocity
+from qsched.builtin.flow import (
+    IMAGE_SIZE,
+    MAX_SEQUENCE_LENGTH,
+    make_scheduler,
+    pack,
+    pooled_text,
+    transformer_record,
+    velocity,
+)
 from qsched.errors import QSchedError
 
 LOSSES = ("pseudo-huber", "mse")
@@ -129,7 +137,8 @@ def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStu
 
     tc.fit(out, opts, stage="flow-student", model=student, shadow=("target", target), loss_fn=loss_fn,
            shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-           config={**asdict(cfg), "huber_c_used": huber_c, "teacher": str(teacher)}, gen=gen)
+           config={**asdict(cfg), "huber_c_used": huber_c, "teacher": str(teacher), "patch_size": patch_size,
+                   "max_sequence_length": max_length, **transformer_record(teacher_model)}, gen=gen)
     pipe = QSchedBuiltinFlowPipeline(transformer=target.eval(), scheduler=make_scheduler(), patch_size=patch_size,
                                      max_sequence_length=max_length, distilled=True,
                                      default_guidance_scale=cfg.guidance_scale)

@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from qsched.builtin import train_common as tc
-from qsched.builtin.flow import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, SHAPES, make_scheduler, make_transformer, pack, pooled_text, velocity
+from qsched.builtin.flow import (
+    IMAGE_SIZE,
+    MAX_SEQUENCE_LENGTH,
+    SHAPES,
+    make_scheduler,
+    make_transformer,
+    pack,
+    pooled_text,
+    transformer_record,
+    velocity,
+)
 from qsched.builtin.train_teacher import TeacherConfig
 from qsched.errors import QSchedError
 
@@ -72,7 +82,9 @@ def train_flow_teacher(opts: tc.RunOptions, cfg: FlowTeacherConfig = FlowTeacher
 
     tc.fit(out, opts, stage="flow-teacher", model=model, shadow=("ema", ema), loss_fn=loss_fn,
            shadow_decay=lambda step: min(cfg.ema_decay, (1 + step) / (10 + step)), warmup_steps=cfg.warmup_steps,
-           grad_clip=cfg.grad_clip, config=asdict(cfg), gen=gen)
+           grad_clip=cfg.grad_clip, gen=gen,
+           config={**asdict(cfg), "patch_size": shape.patch_size, "max_sequence_length": MAX_SEQUENCE_LENGTH,
+                   **transformer_record(model)})
     pipe = QSchedBuiltinFlowPipeline(transformer=ema.eval(), scheduler=make_scheduler(), patch_size=shape.patch_size,
                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
     return tc.save_pipeline(out / tc.PIPELINE_DIR, pipe)
