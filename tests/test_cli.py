@@ -184,6 +184,8 @@ OUT_UNDER_A_FILE = {
     "tiny": ["tiny", "lcm", "--out", "{out}"],
     "train-teacher": ["train", "teacher", "--steps", "1", "--out", "{out}"],
     "train-student": ["train", "student", "--steps", "1", "--out", "{out}"],
+    "train-flow-teacher": ["train", "flow-teacher", "--steps", "1", "--out", "{out}"],
+    "train-flow-student": ["train", "flow-student", "--steps", "1", "--out", "{out}"],
     "train-clip": ["train", "clip", "--steps", "1", "--out", "{out}"],
     "train-ship": ["train", "ship", "{model}", "{out}"],
 }
