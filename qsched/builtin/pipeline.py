@@ -190,7 +190,7 @@ def load_builtin_pipeline(
     corrupt files raise a ``QSchedError`` saying what to do.
     """
     folder = ASSETS / str(name_or_path) if str(name_or_path) in SHIPPED else Path(name_or_path)
-    hint = ("reinstall qsched or retrain (python -m qsched.builtin.train, see qsched/builtin/MODEL_CARD.md)")
+    hint = "reinstall qsched or retrain (python -m qsched.builtin.train, see qsched/builtin/MODEL_CARD.md)"
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise QSchedError(f"built-in pipeline file {index_file} is missing; {hint}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from qsched.errors import QSchedError
 
@@ -27,7 +27,7 @@ DEFAULTS = {
 FLOW_STAGES = ("flow-teacher", "flow-student")
 
 
-def shapes_of(stage: str) -> dict:
+def shapes_of(stage: str) -> dict[str, Any]:
     """The denoiser shapes a stage accepts (``--shape``)."""
     if stage in FLOW_STAGES:
         from qsched.builtin.flow import SHAPES
