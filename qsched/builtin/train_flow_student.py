@@ -19,7 +19,6 @@ The student starts as a copy of the teacher.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from qsched.builtin.flow import (
     transformer_record,
     velocity,
 )
+from qsched.builtin.train_student import ict_huber_c, pseudo_huber
 from qsched.errors import QSchedError
 
 LOSSES = ("pseudo-huber", "mse")
@@ -58,17 +58,6 @@ class FlowStudentConfig:
             raise QSchedError(f"num_sigmas must be >= 1 and guidance_scale >= 1, got {self.num_sigmas}, {self.guidance_scale}")
         if self.huber_c is not None and self.huber_c <= 0:
             raise QSchedError(f"huber_c must be positive, got {self.huber_c}")
-
-
-def ict_huber_c(values_per_image: int) -> float:
-    """iCT's pseudo-Huber constant, ``0.00054 * sqrt(d)`` (Song & Dhariwal 2023)."""
-    return 0.00054 * math.sqrt(values_per_image)
-
-
-def pseudo_huber_per_image(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """Mean over the batch of ``sqrt(||a_i - b_i||^2 + c^2) - c`` (the norm over each image's values)."""
-    sq = (a.float() - b.float()).flatten(1).square().sum(1)
-    return (torch.sqrt(sq + c**2) - c).mean()
 
 
 def load_flow_teacher(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -133,7 +122,7 @@ def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStu
             f_target = x_prev - spv * velocity(target, x_prev, s_prev, ctx, pooled, height=size, width=size)
         if cfg.loss == "mse":
             return torch.nn.functional.mse_loss(f_student, f_target)
-        return pseudo_huber_per_image(f_student, f_target, huber_c)
+        return pseudo_huber(f_student, f_target, huber_c, "image")
 
     tc.fit(out, opts, stage="flow-student", model=student, shadow=("target", target), loss_fn=loss_fn,
            shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
