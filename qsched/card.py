@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,6 +82,24 @@ class ScheduleCard:
                 "schedule card does not fit: " + "; ".join(problems)
                 + " (calibrate a card for this setting, or match the card's settings)"
             )
+
+    def for_recipe(self, quant: Mapping[str, Any], *, note: str | None = None) -> ScheduleCard:
+        """These coefficients relabelled for another recipe ``quant`` (``QuantRecipe.to_dict()``), on purpose.
+
+        A card is refused for any recipe but its own: its coefficients correct that
+        recipe's error. A control study that applies one recipe's coefficients to
+        another (full precision's on W4A8, say) makes the transplant explicit with this.
+        The new card says where its coefficients came from in
+        ``parametrization["transplanted_from"]`` (the recipe they were calibrated for, and
+        ``note``); everything else, ``objective`` (measured on that recipe) and ``created``
+        included, is kept, so the same card always gives the same file.
+        """
+        if dict(quant) == dict(self.quant):
+            raise QSchedError(f"the card is already for recipe {dict(quant).get('name', dict(quant))!r}; nothing to transplant")
+        origin = dict(self.parametrization.get("transplanted_from") or {"quant": dict(self.quant)})
+        if note is not None:
+            origin["note"] = note
+        return replace(self, quant=dict(quant), parametrization={**self.parametrization, "transplanted_from": origin})
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, with format and version first."""

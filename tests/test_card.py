@@ -77,3 +77,20 @@ def test_truncated_and_missing(tmp_path):
         ScheduleCard.load(path)
     with pytest.raises(QSchedError, match="does not exist"):
         ScheduleCard.load(tmp_path / "nope.json")
+
+
+def test_for_recipe_transplants_on_purpose_and_says_so(tmp_path):
+    card = make_card()
+    fp = {"name": "fp", "weight_bits": 16, "act_bits": 16}
+    moved = card.for_recipe(fp, note="w4a8 coefficients on fp (control)")
+    assert moved.quant == fp and moved.coefficients == card.coefficients and moved.steps == card.steps
+    assert moved.objective == card.objective and moved.created == card.created
+    assert moved.parametrization["transplanted_from"] == {"quant": dict(card.quant), "note": "w4a8 coefficients on fp (control)"}
+    assert moved.parametrization["cx_start"] == 1.05
+    path = moved.save(tmp_path / "moved.json")
+    assert ScheduleCard.load(path) == moved
+    assert card.for_recipe(fp, note="w4a8 coefficients on fp (control)").save(tmp_path / "again.json").read_bytes() == path.read_bytes()
+    back = moved.for_recipe(card.quant)  # the origin stays the recipe the coefficients were calibrated for
+    assert back.parametrization["transplanted_from"]["quant"] == dict(card.quant)
+    with pytest.raises(QSchedError, match="already for recipe"):
+        card.for_recipe(dict(card.quant))
