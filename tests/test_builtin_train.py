@@ -76,3 +76,24 @@ def test_student_records_its_loss(tmp_path):
                      "--steps", "1", *extra, *TINY]) == 0
         config = json.loads((out / "checkpoint" / "state.json").read_text())["config"]
         assert abs(config["huber_c"] - c) < 1e-9 and config["huber_reduction"] == reduction
+
+
+def test_resumed_runs_equal_uninterrupted_runs(tmp_path):
+    """Teacher and student: 2 steps + resume to 4 give the weights, EMA/target and AdamW state of 4 straight steps."""
+    from safetensors.torch import load_file
+
+    data = str(write_fake_dataset(tmp_path / "data", n=16))
+
+    def run(stage, out, *extra):
+        common = ["--out", str(out), "--data-root", data, *extra, *TINY]
+        assert main([stage, *common, "--steps", "2"]) == 0
+        assert main([stage, *common, "--steps", "4", "--resume"]) == 0
+        straight = out.with_name(out.name + "-straight")
+        assert main([stage, "--out", str(straight), "--data-root", data, *extra, *TINY, "--steps", "4"]) == 0
+        a = load_file(str(out / "checkpoint" / "state.safetensors"))
+        b = load_file(str(straight / "checkpoint" / "state.safetensors"))
+        assert a.keys() == b.keys() and any(k.startswith("optim") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    run("teacher", tmp_path / "teacher")
+    run("student", tmp_path / "student", "--teacher", str(tmp_path / "teacher" / "pipeline"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,13 +92,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     target = student_from_teacher(teacher_unet)
     target.load_state_dict(student.state_dict())
     target.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(opts.seed)
-    start, elapsed = 0, 0.0
-    if opts.resume:
-        start, elapsed = tc.resume_from_checkpoint(
-            out, modules={"model": student, "target": target}, opt=opt, gen=gen
-        )
     tc.logger.info("student: %.2fM parameters from teacher %s, %s",
                    sum(p.numel() for p in student.parameters()) / 1e6, teacher, tc.env_threads_note())
 
@@ -121,9 +114,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     def x0_from_v(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return a.sqrt() * x - (1 - a).sqrt() * v
 
-    def step_fn(step: int) -> float:
-        for group in opt.param_groups:
-            group["lr"] = opts.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    def loss_fn(step: int) -> torch.Tensor:
         B = opts.batch_size
         x0, labels = images.sample(B, gen)
         ctx, mask, _ = bank.sample(labels, gen)
@@ -153,21 +144,9 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
                           timestep_cond=w_emb).sample
             c_skip_p, c_out_p = bc(t_prev)
             f_target = c_skip_p * x_prev + c_out_p * x0_from_v(x_prev, v_tg, a_p)
-        loss = pseudo_huber(f_student, f_target, huber_c, cfg.huber_reduction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
-        tc.ema_update(target, student, cfg.target_ema_decay)
-        return float(loss.detach())
+        return pseudo_huber(f_student, f_target, huber_c, cfg.huber_reduction)
 
-    def checkpoint_fn(step: int, total: float) -> None:
-        config = {**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher)}
-        tc.write_checkpoint(out, stage="student", step=step, opts=opts, config=config, total=total,
-                            modules={"model": student, "target": target}, opt=opt, gen=gen)
-
-    t0 = time.perf_counter()
-    tc.train_loop(start_step=start, steps=opts.steps, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
-                  elapsed_before=elapsed, opts=opts)
-    tc.logger.info("wall time this run %.1f min", (time.perf_counter() - t0) / 60)
+    tc.fit(out, opts, stage="student", model=student, shadow=("target", target), loss_fn=loss_fn,
+           shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
+           config={**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher)}, gen=gen)
     return tc.export_pipeline(out / tc.PIPELINE_DIR, unet=target.eval(), scheduler=scheduler)
