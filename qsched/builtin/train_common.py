@@ -8,6 +8,7 @@ so a resumed run draws the same batches it would have drawn without the interrup
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -138,6 +139,11 @@ class CaptionBank:
 
 
 # ----------------------------------------------------------------------------- weights
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` for its EMA / consistency target: same weights, eval mode, no gradients."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 
 from qsched.builtin import train_common as tc
 from qsched.builtin.flow import (
+    IMAGE_CHANNELS,
     IMAGE_SIZE,
     MAX_SEQUENCE_LENGTH,
     make_scheduler,
@@ -88,17 +89,14 @@ def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStu
     max_length = int(index.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
     student = FluxTransformer2DModel.from_config(teacher_model.config)
     student.load_state_dict(teacher_model.state_dict())
-    target = FluxTransformer2DModel.from_config(teacher_model.config)
-    target.load_state_dict(teacher_model.state_dict())
-    target.eval().requires_grad_(False)
+    target = tc.frozen_copy(student)
     gen = torch.Generator().manual_seed(opts.seed)
     tc.logger.info("flow student: %.2fM parameters from teacher %s, %s",
                    sum(p.numel() for p in student.parameters()) / 1e6, teacher, tc.env_threads_note())
     images = tc.ImageBatches(data_root=opts.data_root, patch_size=patch_size)
     bank = tc.CaptionBank(max_templates=opts.max_templates, max_length=max_length)
     size = IMAGE_SIZE // patch_size
-    values = IMAGE_SIZE * IMAGE_SIZE  # d of iCT: values per image (1 channel)
-    huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(values)
+    huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(IMAGE_CHANNELS * IMAGE_SIZE**2)
     n = cfg.num_sigmas
 
     def loss_fn(step: int) -> torch.Tensor:

@@ -60,9 +60,7 @@ def train_flow_teacher(opts: tc.RunOptions, cfg: FlowTeacherConfig = FlowTeacher
     shape = SHAPES[opts.shape]
     torch.manual_seed(opts.seed)
     model = make_transformer(shape)
-    ema = make_transformer(shape)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    ema = tc.frozen_copy(model)
     gen = torch.Generator().manual_seed(opts.seed)
     tc.logger.info("flow teacher: %.2fM parameters, shape %s, %s",
                    sum(p.numel() for p in model.parameters()) / 1e6, shape, tc.env_threads_note())

@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from qsched.builtin import train_common as tc
-from qsched.builtin.unet import GUIDANCE_EMBED_DIM, guidance_embedding, make_student_scheduler
+from qsched.builtin.unet import (
+    GUIDANCE_EMBED_DIM,
+    IMAGE_CHANNELS,
+    IMAGE_SIZE,
+    guidance_embedding,
+    make_student_scheduler,
+)
 from qsched.errors import QSchedError
 
 
@@ -89,9 +95,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     torch.manual_seed(opts.seed)
     teacher_unet, patch_size = load_teacher_unet(teacher)
     student = student_from_teacher(teacher_unet).train()
-    target = student_from_teacher(teacher_unet)
-    target.load_state_dict(student.state_dict())
-    target.eval().requires_grad_(False)
+    target = tc.frozen_copy(student)
     gen = torch.Generator().manual_seed(opts.seed)
     tc.logger.info("student: %.2fM parameters from teacher %s, %s",
                    sum(p.numel() for p in student.parameters()) / 1e6, teacher, tc.env_threads_note())
@@ -103,8 +107,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     T = scheduler.config.num_train_timesteps
     gap = T // cfg.num_ddim_timesteps
     grid = torch.arange(1, cfg.num_ddim_timesteps + 1) * gap - 1  # trailing: 19, 39, ..., 999
-    sample_shape = images.sample(1, torch.Generator().manual_seed(0))[0].shape
-    huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(math.prod(sample_shape[1:]))
+    huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(IMAGE_CHANNELS * IMAGE_SIZE**2)
     tc.logger.info("consistency loss: pseudo-Huber per %s, c = %.4g", cfg.huber_reduction, huber_c)
 
     def bc(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,9 +26,7 @@ def train_teacher(opts: tc.RunOptions, cfg: TeacherConfig = TeacherConfig()) -> 
     shape = SHAPES[opts.shape]
     torch.manual_seed(opts.seed)
     unet = make_unet(shape)
-    ema = make_unet(shape)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
+    ema = tc.frozen_copy(unet)
     gen = torch.Generator().manual_seed(opts.seed)
     n_params = sum(p.numel() for p in unet.parameters())
     tc.logger.info("teacher: %.2fM parameters, shape %s, %s", n_params / 1e6, shape, tc.env_threads_note())
