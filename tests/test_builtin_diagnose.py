@@ -5,7 +5,7 @@ import json
 import torch
 
 from qsched.builtin.data import write_fake_dataset
-from qsched.builtin.diagnose import main, speckle
+from qsched.builtin.diagnose import _real_batch, main, speckle
 from qsched.builtin.pipeline import QSchedBuiltinPipeline
 from qsched.builtin.unet import SHAPES, make_student_scheduler, make_teacher_scheduler, make_unet
 
@@ -27,6 +27,8 @@ def test_speckle_counts_isolated_pixels_not_edges():
 
 def test_diagnose_reports_both_kinds_of_model(tmp_path):
     data = write_fake_dataset(tmp_path / "data", n=8)
+    pixels, prompts = _real_batch(4, data)  # the training resolution: load_split pads 28 -> 32 already
+    assert pixels.shape == (4, 1, 32, 32) and len(prompts) == 4 and 0 <= pixels.min() <= pixels.max() <= 1
     sources = []
     for distilled in (True, False):
         torch.manual_seed(0)

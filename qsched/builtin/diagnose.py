@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from qsched.builtin import captions as cap
-from qsched.builtin.data import DEFAULT_ROOT, load_split
+from qsched.builtin.data import DEFAULT_ROOT, load_split, to_model_range
 from qsched.builtin.quick_eval import load_any
 from qsched.builtin.unet import guidance_embedding, patchify, unpatchify
 from qsched.errors import QSchedError
@@ -43,9 +43,8 @@ def speckle(images: torch.Tensor, threshold: float = SPECKLE_THRESHOLD) -> tuple
 
 
 def _real_batch(n: int, data_root: str | Path) -> tuple[torch.Tensor, list[str]]:
-    test = load_split("test", root=data_root)
-    pixels = torch.from_numpy(test.images[:n]).float().div(255.0).unsqueeze(1)
-    pixels = torch.nn.functional.pad(pixels, (2, 2, 2, 2))  # 28 -> 32, as in training
+    test = load_split("test", root=data_root)  # already padded to 32x32, as in training
+    pixels = (to_model_range(test.images[:n]) + 1) / 2
     prompts = [cap.HELDOUT_TEMPLATES[i % len(cap.HELDOUT_TEMPLATES)].format(cap.CLASS_PHRASES[int(label)][0])
                for i, label in enumerate(test.labels[:n])]
     return pixels, prompts
