@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qsched.builtin.captions import EVALUATION_FILE as EVALUATION_PROMPTS
 from qsched.card import ScheduleCard
 from qsched.errors import QSchedError
 from qsched.prompts import read_prompts
@@ -51,7 +52,6 @@ from qsched.search.samplers import SearchSettings
 # qsched.calibrate, .evaluate, .prepare and .quant load torch: imported where used, so the
 # statistics below import in a blink (tests/test_bench_control.py)
 
-EVALUATION_PROMPTS = Path(__file__).resolve().parents[1] / "qsched" / "builtin" / "evaluation_prompts.txt"
 FP = "fp"
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
+from qsched.builtin.captions import EVALUATION_FILE as EVALUATION_PROMPTS
 from qsched.evaluate import EvalSettings, evaluate, parse_configs
 from qsched.prepare import ModelOptions
 from qsched.prompts import read_prompts
-
-EVALUATION_PROMPTS = Path(__file__).resolve().parents[1] / "qsched" / "builtin" / "evaluation_prompts.txt"
 
 
 def main() -> None:

@@ -20,12 +20,10 @@ from PIL import Image
 from qsched.builtin import captions
 from qsched.builtin import clip as bclip
 
-BUILTIN = Path(captions.__file__).resolve().parent
-
 
 def prompt_labels() -> dict[str, int]:
-    prompts = (BUILTIN / "evaluation_prompts.txt").read_text().splitlines()
-    names = (BUILTIN / "evaluation_labels.txt").read_text().splitlines()
+    prompts = captions.EVALUATION_FILE.read_text().splitlines()
+    names = captions.EVALUATION_LABELS_FILE.read_text().splitlines()
     return {p: captions.CLASS_NAMES.index(n) for p, n in zip(prompts, names) if p}
 
 

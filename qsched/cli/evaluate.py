@@ -17,8 +17,6 @@ from qsched.cli.options import (
     positive_int,
 )
 
-BUILTIN_EVALUATION_PROMPTS = "qsched/builtin/evaluation_prompts.txt"
-
 
 def _int(text: str) -> int:
     try:
@@ -100,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def build_settings(args: argparse.Namespace) -> Any:
     """Parse and validate the arguments into :class:`qsched.evaluate.EvalSettings` (nothing is written)."""
-    from pathlib import Path
-
+    from qsched.builtin.captions import EVALUATION_FILE
     from qsched.card import ScheduleCard
     from qsched.errors import QSchedError
     from qsched.evaluate import DEFAULT_CONFIGS, EvalSettings, MetricSettings, parse_configs, parse_metrics
@@ -110,7 +107,7 @@ def build_settings(args: argparse.Namespace) -> Any:
     from qsched.quant import QuantRecipe
 
     metrics = parse_metrics(args.metrics)
-    source = args.prompts or str(Path(__file__).resolve().parents[1] / "builtin" / "evaluation_prompts.txt")
+    source = args.prompts or str(EVALUATION_FILE)
     prompts = read_prompts(source)
     if not prompts:
         raise QSchedError(f"prompt file {source} holds no prompts")
