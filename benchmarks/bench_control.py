@@ -26,6 +26,11 @@ evaluation keeps its images. Writes ``OUT/calibration/<recipe>/`` (card, landsca
         [--recipes fp,w4a8,w4a4] [--cross w4a8] [--seeds 5] [--num 300] [--metrics fid,clip,clipiqa] \\
         [--bounds 0.8 1.2] [--grid-points 5] [--threads 1]
 
+Several finished studies side by side (one row per model and step count; FID and
+CLIP-IQA contrasts with their intervals, and the cards):
+
+    python benchmarks/bench_control.py --summarize runs/control/builtin-2 runs/control/builtin-4 ...
+
 Smoke test (a minute or two):
 
     python benchmarks/bench_control.py --out /tmp/control-smoke --seeds 2 --num 8 --steps 2 \\
@@ -35,6 +40,7 @@ Smoke test (a minute or two):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -345,6 +351,36 @@ def run(settings: ControlSettings) -> dict[str, Any]:
     return record
 
 
+SUMMARY_CONTRASTS = (("card on fp", "fp+card - fp"), ("G(w4a8)", "G_w4a8"), ("G(w4a4)", "G_w4a4"))
+
+
+def summary_table(records: Sequence[Mapping[str, Any]], *, metrics: Sequence[str] = ("fid", "clipiqa")) -> str:
+    """Markdown: per study (``control.json`` records), the card's gain on fp and G per recipe, mean [95% interval]."""
+
+    def cell(contrast: Mapping[str, Any] | None, metric: str) -> str:
+        stats = (contrast or {}).get(metric)
+        if not stats:
+            return "—"
+        if stats.get("low") is None:
+            return f"{stats['mean']:+.2f}"
+        return f"{stats['mean']:+.2f} [{stats['low']:+.2f}, {stats['high']:+.2f}]"
+
+    header = [f"{label} {metric}" for metric in metrics for label, _ in SUMMARY_CONTRASTS]
+    lines = ["| model | steps | seeds × prompts | cards (c_x, c_eps starts) | " + " | ".join(header) + " |",
+             "|---|---|---|---|" + "---|" * len(header)]
+    for record in records:
+        settings, found = record["settings"], record["contrasts"]
+        by_prefix = {label: next((row for name, row in found.items() if name == key or name.startswith(key + " ")), None)
+                     for label, key in SUMMARY_CONTRASTS}
+        steps = settings["steps"] if settings["steps"] is not None else next(iter(record["cards"].values()))["steps"]
+        own = {recipe: record["cards"][card_config(recipe)] for recipe in settings["recipes"]}
+        cards = "; ".join(f"{recipe} {card['c_x'][0]:.2g}, {card['c_eps'][0]:.2g}" for recipe, card in own.items())
+        lines.append(f"| {settings['model']} | {steps} | {settings['seeds']} × {settings['num']} | {cards} | "
+                     + " | ".join(cell(by_prefix[label], metric) for metric in metrics for label, _ in SUMMARY_CONTRASTS)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _finite(numbers: Mapping[str, Any]) -> dict[str, Any]:
     """NaN (a statistic of one seed) as null: JSON has no NaN."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in numbers.items()}
@@ -365,8 +401,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="output folder (required unless --summarize)")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="STUDY",
+                        help="print finished studies' control.json side by side and exit")
     args = parser.parse_args()
+    if args.summarize:
+        missing = [str(p) for p in args.summarize if not (p / "control.json").is_file()]
+        if missing:
+            parser.error(f"no control.json in {', '.join(missing)} (a study writes it when it finishes)")
+        print(summary_table([json.loads((p / "control.json").read_text(encoding="utf-8")) for p in args.summarize]), end="")
+        return
+    if args.out is None:
+        parser.error("--out is required (unless --summarize)")
     if args.threads:
         import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -67,3 +68,35 @@ def test_settings_refuse_a_study_without_its_control(tmp_path):
         bench.ControlSettings(model="builtin", out=tmp_path, recipes=("w4a8",), cross=())
     with pytest.raises(QSchedError, match="--cross takes quantized recipes"):
         bench.ControlSettings(model="builtin", out=tmp_path, recipes=("fp", "w4a4"), cross=("w4a8",))
+
+
+def test_summary_table_lines_up_studies(tmp_path, capsys, monkeypatch):
+    def contrast(mean, low=None, high=None):
+        return {"mean": mean, "low": low, "high": high}
+
+    def card(c_x, c_eps):
+        return {"c_x": [c_x, 1.0], "c_eps": [c_eps, 1.0], "steps": 2}
+
+    record = {
+        "settings": {"model": "builtin-flow", "steps": 2, "seeds": 5, "num": 300, "recipes": ["fp", "w4a8"]},
+        "cards": {"fp+card": card(0.8, 1.2), "w4a8+card": card(0.9, 1.1), "w4a8+fpcard": card(0.8, 1.2)},
+        "contrasts": {
+            "fp+card - fp": {"fid": contrast(-44.4, -46.0, -42.8), "clipiqa": contrast(9.11, 8.93, 9.29)},
+            "w4a8 - fp": {"fid": contrast(8.5, 7.0, 10.0)},
+            "G_w4a8 = (w4a8+card - w4a8) - (fp+card - fp)": {"fid": contrast(7.38), "clipiqa": contrast(0.61, 0.44, 0.78)},
+        },
+    }
+    table = bench.summary_table([record]).splitlines()
+    assert table[0].startswith("| model | steps | seeds × prompts | cards (c_x, c_eps starts) | card on fp fid | G(w4a8) fid")
+    assert table[2] == ("| builtin-flow | 2 | 5 × 300 | fp 0.8, 1.2; w4a8 0.9, 1.1 | -44.40 [-46.00, -42.80] | +7.38 | — "
+                        "| +9.11 [+8.93, +9.29] | +0.61 [+0.44, +0.78] | — |")  # one seed: no interval; no w4a4: a dash
+
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "control.json").write_text(json.dumps(record))
+    monkeypatch.setattr(sys, "argv", ["bench_control.py", "--summarize", str(tmp_path / "study")])
+    bench.main()
+    assert capsys.readouterr().out.splitlines()[2] == table[2]
+    monkeypatch.setattr(sys, "argv", ["bench_control.py", "--summarize", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2 and "no control.json in" in capsys.readouterr().err
