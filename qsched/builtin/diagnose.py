@@ -4,7 +4,7 @@
 
 Speckle is measured without any learned scorer: a pixel is a speckle pixel when it differs by
 more than 0.1 (images in [0, 1]) from the median of its 3x3 neighbourhood; real Fashion-MNIST
-test images have ~8.3% such pixels (edges and fabric texture). For each source it reports
+test images have ~8% such pixels (edges and fabric texture). For each source it reports
 
 - single evaluations on *real* test images noised to t (one fixed noise): the speckle of the
   model's clean-image estimate and its MSE to the real image, for the student (its guidance
