@@ -68,4 +68,4 @@ def test_diagnose_reports_both_kinds_of_model(tmp_path):
         assert set(row) == {"speckle", "mean", "std", "background", "saturated"}
         assert all(0.0 <= value <= 1.0 for value in row.values())
     assert 0.0 <= report["real_test_speckle"] <= 1.0
-    assert report["real_test_tone"] == tone(_real_batch(4, data)[0])
+    assert report["real_test_tone"] == tone(pixels)

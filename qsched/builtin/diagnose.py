@@ -107,7 +107,8 @@ def sampled(pipe, prompts: list[str], steps: Sequence[int], *, guidance_scale: f
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         images = pipe(prompts, num_inference_steps=n, guidance_scale=guidance_scale, generator=gens,
                       output_type="pt").images
-        out[str(n)] = {"speckle": round(speckle(images.float().mean(1, keepdim=True))[0], 4), **tone(images)}
+        gray = images.float().mean(1, keepdim=True)
+        out[str(n)] = {"speckle": round(speckle(gray)[0], 4), **tone(gray)}
     return out
 
 
