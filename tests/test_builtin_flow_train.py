@@ -80,8 +80,10 @@ def test_student_resume_export_and_ship(teacher_run, data, tmp_path):
     assert main([*common, "--out", str(split), "--steps", "1"]) == 0
     assert main([*common, "--out", str(split), "--steps", "3", "--resume"]) == 0
     straight = tmp_path / "straight"
-    assert main([*common, "--out", str(straight), "--steps", "3"]) == 0
-    _assert_same_weights(split, straight, {"model", "target", "optim"})
+    assert main([*common, "--out", str(straight), "--steps", "3", "--snapshot-every", "2"]) == 0
+    _assert_same_weights(split, straight, {"model", "target", "optim"})  # snapshots change nothing in training
+    assert [p.name for p in (straight / "snapshots").iterdir()] == ["step-00002"]
+    assert load_pipeline(straight / "snapshots" / "step-00002").pipe.is_distilled
     meta = json.loads((straight / "checkpoint" / "state.json").read_text())
     assert meta["config"]["huber_c_used"] == pytest.approx(0.00054 * 32)
 

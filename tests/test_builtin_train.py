@@ -97,3 +97,27 @@ def test_resumed_runs_equal_uninterrupted_runs(tmp_path):
 
     run("teacher", tmp_path / "teacher")
     run("student", tmp_path / "student", "--teacher", str(tmp_path / "teacher" / "pipeline"))
+
+
+def test_snapshots_are_the_target_weights_of_a_run_stopped_there(tmp_path):
+    """--snapshot-every 2 over 5 steps exports steps 2 and 4 (not 5: that is OUT/pipeline), each equal
+    to the final export of a run of that many steps."""
+    from safetensors.torch import load_file
+
+    data = str(write_fake_dataset(tmp_path / "data", n=16))
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", "--steps", "1", "--out", str(teacher), "--data-root", data, *TINY]) == 0
+    common = ["student", "--teacher", str(teacher / "pipeline"), "--data-root", data, *TINY]
+    out = tmp_path / "student"
+    assert main([*common, "--out", str(out), "--steps", "5", "--snapshot-every", "2"]) == 0
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-00002", "step-00004"]
+    short = tmp_path / "student-4"
+    assert main([*common, "--out", str(short), "--steps", "4"]) == 0
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a = load_file(str(out / "snapshots" / "step-00004" / weights))
+    b = load_file(str(short / "pipeline" / weights))
+    final = load_file(str(out / "pipeline" / weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], final[k]) for k in a)  # the target moved on after step 4
+    assert QSchedBuiltinPipeline.from_pretrained(str(out / "snapshots" / "step-00002")).is_distilled
+    assert main([*common, "--out", str(tmp_path / "bad"), "--steps", "1", "--snapshot-every", "-1"]) == 2

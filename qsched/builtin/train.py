@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-templates", type=int, default=None, help=argparse.SUPPRESS)
         p.add_argument("--checkpoint-minutes", type=float, default=5.0)
         p.add_argument("--log-every", type=int, default=25)
+        p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                       help="also export the EMA/target weights every N steps to OUT/snapshots/step-NNNNN "
+                            "(pipeline folders, to pick a stopping point; default: never)")
         if stage == "student":
             p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
             p.add_argument("--huber-c", type=float, default=None,
@@ -92,11 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise QSchedError(f"unknown --shape {args.shape!r}; allowed: {sorted(shapes)}")
         if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
             raise QSchedError("--steps, --batch-size and --threads must be positive")
+        if args.snapshot_every < 0:
+            raise QSchedError(f"--snapshot-every must be 0 (never) or a positive step count, got {args.snapshot_every}")
         opts = tc.RunOptions(
             out=args.out, steps=args.steps, batch_size=args.batch_size, threads=args.threads, lr=args.lr,
             seed=args.seed, shape=args.shape, data_root=args.data_root or str(DEFAULT_ROOT),
             max_templates=args.max_templates, checkpoint_minutes=args.checkpoint_minutes,
-            log_every=args.log_every, resume=args.resume,
+            log_every=args.log_every, resume=args.resume, snapshot_every=args.snapshot_every,
         )
         if args.stage == "teacher":
             from qsched.builtin.train_teacher import train_teacher

@@ -33,6 +33,12 @@ logger = logging.getLogger("qsched.builtin.train")
 
 CHECKPOINT_DIR = "checkpoint"
 PIPELINE_DIR = "pipeline"
+SNAPSHOT_DIR = "snapshots"
+
+
+def snapshot_folder(out: Path, step: int) -> Path:
+    """Where ``--snapshot-every`` puts the pipeline exported after ``step`` optimizer steps."""
+    return out / SNAPSHOT_DIR / f"step-{step:05d}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class RunOptions:
     checkpoint_minutes: float = 5.0
     log_every: int = 25
     resume: bool = False
+    #: every N steps, also export the shadow (EMA / target) weights as a pipeline folder
+    #: ``OUT/snapshots/step-NNNNN`` (0 = never): to pick a stopping point on validation prompts
+    snapshot_every: int = 0
 
 
 # ----------------------------------------------------------------------------- setup
@@ -273,8 +282,10 @@ def train_loop(
     checkpoint_fn: Callable[[int, float], None],
     elapsed_before: float,
     opts: RunOptions,
+    snapshot_fn: Callable[[int], None] | None = None,
 ) -> float:
-    """Run ``step_fn(step) -> loss`` from ``start_step`` to ``steps``; log and checkpoint. Returns total elapsed s."""
+    """Run ``step_fn(step) -> loss`` from ``start_step`` to ``steps``; log, checkpoint and (every
+    ``opts.snapshot_every`` steps, before the last) call ``snapshot_fn(step)``. Returns total elapsed s."""
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -299,6 +310,8 @@ def train_loop(
                 step, steps, loss, loss_avg, rate, int(eta // 60), int(eta % 60),
             )
             t_log, step_log = now, step
+        if snapshot_fn is not None and opts.snapshot_every and step % opts.snapshot_every == 0 and step < steps:
+            snapshot_fn(step)
         if now - t_ckpt > opts.checkpoint_minutes * 60 and step < steps:
             checkpoint_fn(step, elapsed_before + now - t_start)
             logger.info("checkpoint at step %d", step)
@@ -314,6 +327,7 @@ def fit(
     out: Path, opts: RunOptions, *, stage: str, model: torch.nn.Module, shadow: tuple[str, torch.nn.Module],
     loss_fn: Callable[[int], torch.Tensor], shadow_decay: Callable[[int], float], warmup_steps: int,
     grad_clip: float, config: Mapping[str, Any], gen: torch.Generator,
+    export: Callable[[Path], Path] | None = None,
 ) -> None:
     """Train ``model`` (resuming from ``out`` when ``opts.resume``): AdamW, linear warm-up, gradient clipping.
 
@@ -321,6 +335,7 @@ def fit(
     (the teacher's EMA, a consistency student's target), updated after every step with
     ``shadow_decay(step)``. ``loss_fn(step)`` draws its batch from ``gen`` (checkpointed with
     the weights, so a resumed run draws what an uninterrupted one would have drawn).
+    ``export(folder)`` writes the shadow as a pipeline folder: used for ``opts.snapshot_every``.
     """
     shadow_name, shadow_module = shadow
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
@@ -342,10 +357,15 @@ def fit(
         write_checkpoint(out, stage=stage, step=step, opts=opts, config=config, total=total, modules=modules,
                          opt=opt, gen=gen)
 
+    def snapshot_fn(step: int) -> None:
+        export(snapshot_folder(out, step))  # the shadow is a frozen_copy: already in eval mode
+
+    if opts.snapshot_every and export is None:
+        raise ValueError(f"stage {stage} cannot export snapshots")
     model.train()
     t0 = time.perf_counter()
     train_loop(start_step=start, steps=opts.steps, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
-               elapsed_before=elapsed, opts=opts)
+               elapsed_before=elapsed, opts=opts, snapshot_fn=snapshot_fn if opts.snapshot_every else None)
     logger.info("wall time this run %.1f min", (time.perf_counter() - t0) / 60)
 
 

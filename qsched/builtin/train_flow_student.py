@@ -122,11 +122,14 @@ def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStu
             return torch.nn.functional.mse_loss(f_student, f_target)
         return pseudo_huber(f_student, f_target, huber_c, "image")
 
+    def export(folder: Path) -> Path:
+        pipe = QSchedBuiltinFlowPipeline(transformer=target, scheduler=make_scheduler(), patch_size=patch_size,
+                                         max_sequence_length=max_length, distilled=True,
+                                         default_guidance_scale=cfg.guidance_scale)
+        return tc.save_pipeline(folder, pipe)
+
     tc.fit(out, opts, stage="flow-student", model=student, shadow=("target", target), loss_fn=loss_fn,
            shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
            config={**asdict(cfg), "huber_c_used": huber_c, "teacher": str(teacher), "patch_size": patch_size,
-                   "max_sequence_length": max_length, **transformer_record(teacher_model)}, gen=gen)
-    pipe = QSchedBuiltinFlowPipeline(transformer=target.eval(), scheduler=make_scheduler(), patch_size=patch_size,
-                                     max_sequence_length=max_length, distilled=True,
-                                     default_guidance_scale=cfg.guidance_scale)
-    return tc.save_pipeline(out / tc.PIPELINE_DIR, pipe)
+                   "max_sequence_length": max_length, **transformer_record(teacher_model)}, gen=gen, export=export)
+    return export(out / tc.PIPELINE_DIR)

@@ -78,11 +78,14 @@ def train_flow_teacher(opts: tc.RunOptions, cfg: FlowTeacherConfig = FlowTeacher
         pred = velocity(model, (1 - s) * x0 + s * noise, sigma, ctx, pooled_text(ctx, mask), height=size, width=size)
         return F.mse_loss(pred, noise - x0)
 
+    def export(folder: Path) -> Path:
+        pipe = QSchedBuiltinFlowPipeline(transformer=ema, scheduler=make_scheduler(), patch_size=shape.patch_size,
+                                         max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return tc.save_pipeline(folder, pipe)
+
     tc.fit(out, opts, stage="flow-teacher", model=model, shadow=("ema", ema), loss_fn=loss_fn,
            shadow_decay=lambda step: min(cfg.ema_decay, (1 + step) / (10 + step)), warmup_steps=cfg.warmup_steps,
-           grad_clip=cfg.grad_clip, gen=gen,
+           grad_clip=cfg.grad_clip, gen=gen, export=export,
            config={**asdict(cfg), "patch_size": shape.patch_size, "max_sequence_length": MAX_SEQUENCE_LENGTH,
                    **transformer_record(model)})
-    pipe = QSchedBuiltinFlowPipeline(transformer=ema.eval(), scheduler=make_scheduler(), patch_size=shape.patch_size,
-                                     max_sequence_length=MAX_SEQUENCE_LENGTH)
-    return tc.save_pipeline(out / tc.PIPELINE_DIR, pipe)
+    return export(out / tc.PIPELINE_DIR)

@@ -149,7 +149,10 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
             f_target = c_skip_p * x_prev + c_out_p * x0_from_v(x_prev, v_tg, a_p)
         return pseudo_huber(f_student, f_target, huber_c, cfg.huber_reduction)
 
+    def export(folder: Path) -> Path:
+        return tc.export_pipeline(folder, unet=target, scheduler=scheduler)
+
     tc.fit(out, opts, stage="student", model=student, shadow=("target", target), loss_fn=loss_fn,
            shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-           config={**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher)}, gen=gen)
-    return tc.export_pipeline(out / tc.PIPELINE_DIR, unet=target.eval(), scheduler=scheduler)
+           config={**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher)}, gen=gen, export=export)
+    return export(out / tc.PIPELINE_DIR)

@@ -48,7 +48,10 @@ def train_teacher(opts: tc.RunOptions, cfg: TeacherConfig = TeacherConfig()) -> 
         pred = unet(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
         return F.mse_loss(pred, v)
 
+    def export(folder: Path) -> Path:
+        return tc.export_pipeline(folder, unet=ema, scheduler=scheduler)
+
     tc.fit(out, opts, stage="teacher", model=unet, shadow=("ema", ema), loss_fn=loss_fn,
            shadow_decay=lambda step: min(cfg.ema_decay, (1 + step) / (10 + step)), warmup_steps=cfg.warmup_steps,
-           grad_clip=cfg.grad_clip, config=asdict(cfg), gen=gen)
-    return tc.export_pipeline(out / tc.PIPELINE_DIR, unet=ema.eval(), scheduler=scheduler)
+           grad_clip=cfg.grad_clip, config=asdict(cfg), gen=gen, export=export)
+    return export(out / tc.PIPELINE_DIR)
