@@ -12,18 +12,22 @@ def _prompt_sets() -> dict[str, set[str]]:
         "training": {p for p, _ in cap.training_captions()},
         "evaluation": {p for p, _ in cap.evaluation_prompts()},
         "calibration": set(cap.calibration_prompts()),
+        "validation": {p for p, _ in cap.validation_prompts()},
     }
 
 
 def test_template_sets_are_pairwise_disjoint():
-    sets = {"train": cap.TRAIN_TEMPLATES, "evaluation": cap.HELDOUT_TEMPLATES, "calibration": cap.CALIBRATION_TEMPLATES}
+    sets = {"train": cap.TRAIN_TEMPLATES, "evaluation": cap.HELDOUT_TEMPLATES, "calibration": cap.CALIBRATION_TEMPLATES,
+            "validation": cap.VALIDATION_TEMPLATES}
     names = list(sets)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not set(sets[a]) & set(sets[b]), (a, b)
 
 
-@pytest.mark.parametrize("a, b", [("training", "evaluation"), ("training", "calibration"), ("evaluation", "calibration")])
+@pytest.mark.parametrize("a, b", [("training", "evaluation"), ("training", "calibration"), ("evaluation", "calibration"),
+                                  ("validation", "training"), ("validation", "evaluation"),
+                                  ("validation", "calibration")])
 def test_prompt_sets_share_no_prompt(a, b):
     sets = _prompt_sets()
     assert not sets[a] & sets[b], sorted(sets[a] & sets[b])[:5]
@@ -43,11 +47,12 @@ def test_the_overlap_check_catches_a_shared_prompt(monkeypatch):
     assert _prompt_sets()["calibration"] & _prompt_sets()["evaluation"]
 
 
-def test_calibration_templates_use_only_words_the_builtin_clip_knows():
+@pytest.mark.parametrize("templates", ["CALIBRATION_TEMPLATES", "VALIDATION_TEMPLATES"])
+def test_templates_use_only_words_the_builtin_clip_knows(templates):
     from qsched.builtin.clip import vocabulary_words
 
     words = set(vocabulary_words())
-    assert {w for t in cap.CALIBRATION_TEMPLATES for w in re.findall(r"[a-z]+", t)} <= words
+    assert {w for t in getattr(cap, templates) for w in re.findall(r"[a-z]+", t)} <= words
 
 
 def test_every_class_covered_and_balanced():
@@ -58,6 +63,10 @@ def test_every_class_covered_and_balanced():
     assert counts == [30] * 10
     calibration = cap.calibration_prompts()
     assert len(calibration) == len(set(calibration)) == 16
+    va = cap.validation_prompts(per_class=30)
+    assert [sum(1 for _, lab in va if lab == c) for c in range(10)] == [30] * 10
+    assert len({p for p, _ in va}) == 120  # 10 classes x 3 templates x 4 phrases, each one used
+    assert all(any(p.endswith(phrase) for phrase in cap.CLASS_PHRASES[lab]) for p, lab in va)
     assert len({p for p, _ in ev}) > 100  # varied phrasings
 
 

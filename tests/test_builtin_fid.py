@@ -83,7 +83,7 @@ def test_stats_round_trip_and_mismatch_detection(extractor, images, tmp_path) ->
 
 
 def test_reference_stats_use_a_matching_cache_and_recompute_a_stale_one(extractor, images, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(FID, "_test_images", lambda: (images, FID.images_hash(images)))
+    monkeypatch.setattr(FID, "_reference_images", lambda reference_set="test": (images, FID.images_hash(images)))
     monkeypatch.setitem(FID.SHIPPED, "effnet", tmp_path / "shipped.safetensors")
     first = FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path)  # computes, caches
     assert (tmp_path / "fid" / "effnet_fmnist_test.safetensors").is_file()
@@ -100,6 +100,34 @@ def test_reference_stats_use_a_matching_cache_and_recompute_a_stale_one(extracto
         FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path)
 
 
+def test_validation_reference_is_its_own_set_and_never_the_shipped_file(extractor, images, tmp_path, monkeypatch) -> None:
+    """Model selection's reference (the last 10k training images) is cached under its own name; the
+    shipped test-split file is never taken for it."""
+    other = images.flip(-1).contiguous()
+    sets = {"test": images, "validation": other}
+    monkeypatch.setattr(FID, "_reference_images", lambda reference_set="test": (sets[reference_set], FID.images_hash(sets[reference_set])))
+    monkeypatch.setitem(FID.SHIPPED, "effnet", tmp_path / "shipped.safetensors")
+    FID.save_stats(FID.compute_stats(extractor, images, progress=False), tmp_path / "shipped.safetensors")
+    val = FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path, reference_set="validation")
+    assert (tmp_path / "fid" / "effnet_fmnist_validation.safetensors").is_file()
+    assert val.data_hash == FID.images_hash(other)
+    assert torch.allclose(val.mean, FID.compute_stats(extractor, other, progress=False).mean)
+    test = FID.reference_stats("effnet", extractor=extractor, cache_dir=tmp_path)  # from the "shipped" file
+    assert not (tmp_path / "fid" / "effnet_fmnist_test.safetensors").exists()
+    assert test.data_hash == FID.images_hash(images) and not torch.allclose(test.mean, val.mean)
+
+
+def test_validation_reference_images_are_the_last_training_images() -> None:
+    from qsched.builtin.data import load_split
+
+    images, data_hash = FID._reference_images("validation")
+    train = load_split("train").images
+    assert images.shape == (10_000, 1, 32, 32) and torch.equal(images[:, 0], torch.from_numpy(train[-10_000:]))
+    assert data_hash != FID._reference_images("test")[1]
+    with pytest.raises(QSchedError, match="allowed"):
+        FID._reference_images("train")
+
+
 def test_unknown_feature_kind_is_refused() -> None:
     with pytest.raises(QSchedError, match="allowed"):
         FID.feature_extractor("inception")  # type: ignore[arg-type]
@@ -109,7 +137,7 @@ def test_shipped_effnet_reference_matches_the_data_and_the_extractor() -> None:
     from qsched.builtin.effnet import weights_path
     from qsched.provenance import sha256_file
 
-    images, data_hash = FID._test_images()
+    images, data_hash = FID._reference_images("test")
     identity = f"effnet-lite0:{sha256_file(weights_path())[:16]}:res{FID.EFFNET_RESOLUTION}:bilinear-aa:grey2rgb"
     stats = FID.load_stats(FID.SHIPPED["effnet"], data_hash=data_hash, extractor=identity)
     assert stats.count == images.shape[0] == 10_000 and stats.mean.shape == (1280,)
@@ -117,7 +145,7 @@ def test_shipped_effnet_reference_matches_the_data_and_the_extractor() -> None:
 
 
 def test_shipped_clip_reference_matches_the_shipped_clip() -> None:
-    images, data_hash = FID._test_images()
+    images, data_hash = FID._reference_images("test")
     extractor = FID.ClipImageFeatures()
     stats = FID.load_stats(FID.SHIPPED["clip"], data_hash=data_hash, extractor=extractor.identity())
     assert stats.count == 10_000 and stats.mean.shape == (extractor.num_features,)
@@ -132,10 +160,10 @@ def test_shipped_stats_serve_without_the_dataset(monkeypatch, tmp_path):
     from qsched.builtin import fid as FIDMOD
     from qsched.errors import QSchedError
 
-    def missing():
+    def missing(reference_set="test"):
         raise QSchedError("Fashion-MNIST not found; apt-get install dataset-fashion-mnist")
 
-    monkeypatch.setattr(FIDMOD, "_test_images", missing)
+    monkeypatch.setattr(FIDMOD, "_reference_images", missing)
     stats = FIDMOD.reference_stats("effnet", cache_dir=tmp_path)
     assert stats.count == 10_000 and stats.mean.shape == (1280,)
     monkeypatch.setitem(FIDMOD.SHIPPED, "effnet", tmp_path / "absent.safetensors")

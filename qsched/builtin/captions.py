@@ -1,10 +1,11 @@
-"""Captions for Fashion-MNIST: class phrases x templates, three disjoint sets of templates.
+"""Captions for Fashion-MNIST: class phrases x templates, four disjoint sets of templates.
 
 Training captions use ``TRAIN_TEMPLATES``; evaluation prompts use only
-``HELDOUT_TEMPLATES`` and calibration prompts only ``CALIBRATION_TEMPLATES``. The three
+``HELDOUT_TEMPLATES``, calibration prompts only ``CALIBRATION_TEMPLATES`` and validation
+prompts (picking a training run's stopping point) only ``VALIDATION_TEMPLATES``. The
 template sets share no template and no template can produce another's prompt, so the
-three prompt sets are disjoint by construction: generation is measured on phrasings
-never seen in training, and Q-Sched is calibrated on prompts the evaluation never uses.
+prompt sets are disjoint by construction: generation is measured on phrasings never seen
+in training or model selection, and Q-Sched is calibrated on prompts the evaluation never uses.
 Run ``python -m qsched.builtin.captions`` to rewrite the prompt text files.
 """
 
@@ -65,6 +66,14 @@ CALIBRATION_TEMPLATES: tuple[str, ...] = (
     "a shop image of {}",
 )
 
+#: Validation-only templates (model selection, e.g. a distillation's stopping point), in no other
+#: set; words the built-in CLIP's vocabulary holds.
+VALIDATION_TEMPLATES: tuple[str, ...] = (
+    "a small picture of {}",
+    "a studio image of {}",
+    "a monochrome photo of {}",
+)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CALIBRATION_FILE = PACKAGE_DIR / "calibration_prompts.txt"
 EVALUATION_FILE = PACKAGE_DIR / "evaluation_prompts.txt"
@@ -92,6 +101,18 @@ def _heldout(label: int, k: int) -> str:
 def evaluation_prompts(*, per_class: int = 30) -> list[tuple[str, int]]:
     """Held-out prompts with labels, balanced and interleaved over classes (class-major order per round)."""
     return [(_heldout(label, k), label) for k in range(per_class) for label in range(len(CLASS_NAMES))]
+
+
+def validation_prompts(*, per_class: int = 30) -> list[tuple[str, int]]:
+    """Validation prompts with labels (``VALIDATION_TEMPLATES`` only), ordered as :func:`evaluation_prompts`.
+
+    There are 12 distinct prompts per class (3 templates x 4 phrases); beyond that they repeat
+    (with other noise seeds where the caller seeds per image)."""
+    def prompt(label: int, k: int) -> str:
+        template = VALIDATION_TEMPLATES[k % len(VALIDATION_TEMPLATES)]
+        return template.format(CLASS_PHRASES[label][(k // len(VALIDATION_TEMPLATES)) % len(CLASS_PHRASES[label])])
+
+    return [(prompt(label, k), label) for k in range(per_class) for label in range(len(CLASS_NAMES))]
 
 
 def calibration_prompts(*, n: int = 16) -> list[str]:

@@ -2,7 +2,8 @@
 
 Two feature spaces: ``"effnet"`` (ImageNet EfficientNet-Lite0, pooled 1280-d, see
 :mod:`qsched.builtin.effnet`) and ``"clip"`` (the built-in CLIP's L2-normalised image
-embeddings). The reference set is the Fashion-MNIST test split (10,000 images, 32x32).
+embeddings). The reference set is the Fashion-MNIST test split (10,000 images, 32x32); model
+selection uses the last 10,000 training images instead (``reference_set="validation"``).
 Its statistics (mean, covariance, count) are computed once and stored as safetensors with a
 hash of the data and an identity string of the extractor; a stored file whose hashes do not
 match the current data / extractor is refused (and recomputed by :func:`reference_stats`).
@@ -169,29 +170,43 @@ def load_stats(path: str | Path, *, data_hash: str | None = None, extractor: str
     return ReferenceStats(mean=mean.double(), cov=cov, count=count, data_hash=meta["data_hash"], extractor=meta["extractor"])
 
 
-def _test_images() -> tuple[torch.Tensor, str]:
+#: Reference image sets: "test" (the Fashion-MNIST test split: every reported FID) and
+#: "validation" (the last 10,000 training images: model selection, which must not look at the test split)
+REFERENCE_SETS = ("test", "validation")
+VALIDATION_REFERENCE_SIZE = 10_000
+
+
+def _reference_images(reference_set: str = "test") -> tuple[torch.Tensor, str]:
     from qsched.builtin.data import load_split
 
-    split = load_split("test")
-    return torch.from_numpy(split.images).unsqueeze(1), images_hash(split.images)
+    if reference_set not in REFERENCE_SETS:
+        raise QSchedError(f"unknown FID reference set {reference_set!r}; allowed: {REFERENCE_SETS}")
+    if reference_set == "test":
+        images = load_split("test").images
+    else:
+        images = np.ascontiguousarray(load_split("train").images[-VALIDATION_REFERENCE_SIZE:])
+    return torch.from_numpy(images).unsqueeze(1), images_hash(images)
 
 
-def reference_stats(kind: FeatureKind = "effnet", *, extractor: nn.Module | None = None, cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> ReferenceStats:
-    """Statistics of the Fashion-MNIST test split in feature space ``kind``.
+def reference_stats(kind: FeatureKind = "effnet", *, extractor: nn.Module | None = None, cache_dir: str | Path | None = None, device: str | torch.device = "cpu", reference_set: str = "test") -> ReferenceStats:
+    """Statistics of a reference set (default the Fashion-MNIST test split) in feature space ``kind``.
 
-    Uses the shipped file when its hashes match, else a cached file in ``cache_dir``
+    Uses the shipped file (test split only) when its hashes match, else a cached file in ``cache_dir``
     (default ``$QSCHED_CACHE`` or ``~/.cache/qsched``), else computes and caches them.
     """
     extractor = extractor if extractor is not None else feature_extractor(kind, device=device)
     identity = extractor.identity() if hasattr(extractor, "identity") else type(extractor).__name__
     try:
-        images, data_hash = _test_images()
+        images, data_hash = _reference_images(reference_set)
     except QSchedError as missing:
+        if reference_set != "test":
+            raise
         # Without the dataset the shipped statistics are used as they are (their data hash
         # cannot be checked), so that evaluation needs no Debian package.
         images, data_hash, missing_data = None, None, missing
     cache = Path(cache_dir or os.environ.get("QSCHED_CACHE", Path.home() / ".cache" / "qsched")) / "fid"
-    for path in (SHIPPED.get(kind), cache / f"{kind}_fmnist_test.safetensors"):
+    shipped = SHIPPED.get(kind) if reference_set == "test" else None
+    for path in (shipped, cache / f"{kind}_fmnist_{reference_set}.safetensors"):
         if path is not None and path.is_file():
             try:
                 return load_stats(path, data_hash=data_hash, extractor=identity)
@@ -201,7 +216,7 @@ def reference_stats(kind: FeatureKind = "effnet", *, extractor: nn.Module | None
         raise QSchedError(f"no FID reference statistics match the {kind} extractor ({identity}), and they "
                           f"cannot be computed: {missing_data}")
     stats = compute_stats(extractor, images, data_hash=data_hash)
-    save_stats(stats, cache / f"{kind}_fmnist_test.safetensors")
+    save_stats(stats, cache / f"{kind}_fmnist_{reference_set}.safetensors")
     return stats
 
 
@@ -244,7 +259,7 @@ def fid(images: torch.Tensor, *, kind: FeatureKind = "effnet", reference: Refere
 def write_shipped_stats(kind: FeatureKind = "effnet", *, device: str | torch.device = "cpu") -> Path:
     """Recompute the Fashion-MNIST test statistics of ``kind`` and write the shipped asset file."""
     extractor = feature_extractor(kind, device=device)
-    images, data_hash = _test_images()
+    images, data_hash = _reference_images("test")
     return save_stats(compute_stats(extractor, images, data_hash=data_hash), SHIPPED[kind])
 
 

@@ -141,17 +141,31 @@ def quick_eval(
     return results
 
 
+#: ``--split``: "evaluation" = held-out evaluation prompts, FID against the test split (what is
+#: reported); "validation" = validation prompts, other noise seeds, FID against the last 10k training
+#: images (picking a stopping point without looking at the evaluation prompts or the test split)
+SPLITS = ("evaluation", "validation")
+VALIDATION_SEED_OFFSET = 1_000_000
+
+
 def prompt_metrics(
     source: str, *, steps: Sequence[int], n_images: int = 300, guidance_scale: float = 3.0, seed: int = 0,
-    threads: int = 1, out: str | Path | None = None,
+    threads: int = 1, out: str | Path | None = None, split: str = "evaluation",
 ) -> dict:
-    """On held-out evaluation prompts: FID-EffNet vs the test split, and with the built-in CLIP (when
-    present) zero-shot class accuracy, CLIP score and CLIP-IQA; per step count."""
-    from qsched.builtin.fid import fid
+    """On held-out evaluation (or validation, see ``SPLITS``) prompts: FID-EffNet vs the test split (or
+    the validation reference), and with the built-in CLIP (when present) zero-shot class accuracy,
+    CLIP score and CLIP-IQA; per step count."""
+    from qsched.builtin.fid import fid, reference_stats
 
+    if split not in SPLITS:
+        raise QSchedError(f"unknown split {split!r}; allowed: {SPLITS}")
     torch.set_num_threads(threads)
     pipe = load_any(source)
-    pairs = cap.evaluation_prompts(per_class=max(1, n_images // len(cap.CLASS_NAMES)))
+    per_class = max(1, n_images // len(cap.CLASS_NAMES))
+    validation = split == "validation"
+    pairs = cap.validation_prompts(per_class=per_class) if validation else cap.evaluation_prompts(per_class=per_class)
+    reference = reference_stats("effnet", reference_set="validation") if validation else None
+    first_seed = seed * 100003 + (VALIDATION_SEED_OFFSET if validation else 0)
     prompts, labels = [p for p, _ in pairs], torch.tensor([lab for _, lab in pairs])
     clip = None
     try:
@@ -161,17 +175,19 @@ def prompt_metrics(
         clip = (bclip, model, processor, bclip.class_text_embeddings(model, processor, heldout=True))
     except (ImportError, QSchedError) as exc:
         print(f"built-in CLIP not available ({exc}); CLIP metrics skipped", flush=True)
-    results: dict = {"source": str(source), "n_images": len(prompts), "guidance_scale": guidance_scale, "runs": {}}
-    # FID of N real training images: the floor of FID at this sample size (small-N FID is biased upwards)
+    results: dict = {"source": str(source), "split": split, "n_images": len(prompts), "guidance_scale": guidance_scale,
+                     "runs": {}}
+    # FID of N real training images (the first N: never in the validation reference): the floor
+    # of FID at this sample size (small-N FID is biased upwards)
     real = load_split("train").images[: len(prompts)]
     real_pt = torch.from_numpy(real).float().div(255.0).unsqueeze(1).repeat(1, 3, 1, 1)
-    results["fid_effnet_real_train_same_n"] = round(fid(real_pt, kind="effnet"), 2)
+    results["fid_effnet_real_train_same_n"] = round(fid(real_pt, kind="effnet", reference=reference), 2)
     print(f"FID-EffNet of {len(prompts)} real training images (floor): {results['fid_effnet_real_train_same_n']}")
     for n in steps:
-        gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(len(prompts))]
+        gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(prompts))]
         images = pipe(prompts, num_inference_steps=n, guidance_scale=guidance_scale, generator=gens,
                       output_type="pt").images
-        row = {"fid_effnet": round(fid(images, kind="effnet"), 2)}
+        row = {"fid_effnet": round(fid(images, kind="effnet", reference=reference), 2)}
         if clip is not None:
             bclip, model, processor, class_emb = clip
             img = bclip.encode_images(model, images)
@@ -200,11 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(DEFAULT_ROOT))
     p.add_argument("--metrics", type=int, default=0, metavar="N",
                    help="also compute FID-EffNet (+ CLIP metrics) on N held-out evaluation prompts")
+    p.add_argument("--split", choices=SPLITS, default="evaluation",
+                   help="--metrics on the evaluation prompts vs the test split (default), or on validation "
+                        "prompts vs the last 10k training images (to choose between runs or snapshots)")
     args = p.parse_args(argv)
     try:
         if args.metrics:
             prompt_metrics(args.source, steps=args.steps, n_images=args.metrics, guidance_scale=args.guidance_scale,
-                           seed=args.seed, threads=args.threads, out=args.out)
+                           seed=args.seed, threads=args.threads, out=args.out, split=args.split)
         quick_eval(args.source, steps=args.steps, out=args.out, guidance_scale=args.guidance_scale,
                    per_class=args.per_class, seed=args.seed, data_root=args.data_root, threads=args.threads)
     except QSchedError as exc:
