@@ -122,3 +122,12 @@ def test_config_checks_and_noise_levels():
         FlowTeacherConfig(sigma_sampling="cosine")
     with pytest.raises(QSchedError, match="loss"):
         FlowStudentConfig(loss="l1")
+    with pytest.raises(QSchedError, match="target_ema_decay"):
+        FlowStudentConfig(target_ema_decay=1.0)
+
+
+def test_student_target_decay_option_is_recorded(teacher_run, data, tmp_path):
+    out = tmp_path / "s"
+    assert main(["flow-student", "--teacher", str(teacher_run / "pipeline"), "--data-root", data, *TINY,
+                 "--out", str(out), "--steps", "1", "--target-ema-decay", "0.5"]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["config"]["target_ema_decay"] == 0.5

@@ -121,3 +121,18 @@ def test_snapshots_are_the_target_weights_of_a_run_stopped_there(tmp_path):
     assert not all(torch.equal(a[k], final[k]) for k in a)  # the target moved on after step 4
     assert QSchedBuiltinPipeline.from_pretrained(str(out / "snapshots" / "step-00002")).is_distilled
     assert main([*common, "--out", str(tmp_path / "bad"), "--steps", "1", "--snapshot-every", "-1"]) == 2
+
+
+def test_student_grid_and_target_decay_options(tmp_path):
+    data = str(write_fake_dataset(tmp_path / "data", n=16))
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", "--steps", "1", "--out", str(teacher), "--data-root", data, *TINY]) == 0
+    common = ["student", "--teacher", str(teacher / "pipeline"), "--data-root", data, "--steps", "1", *TINY]
+    out = tmp_path / "student"
+    assert main([*common, "--out", str(out), "--ddim-timesteps", "25", "--target-ema-decay", "0.9"]) == 0
+    config = json.loads((out / "checkpoint" / "state.json").read_text())["config"]
+    assert config["num_ddim_timesteps"] == 25 and config["target_ema_decay"] == 0.9
+    # a grid that does not divide the 1000 timesteps, or a decay outside [0, 1): exit 2 before training
+    assert main([*common, "--out", str(tmp_path / "bad1"), "--ddim-timesteps", "30"]) == 2
+    assert main([*common, "--out", str(tmp_path / "bad2"), "--target-ema-decay", "1.0"]) == 2
+    assert not (tmp_path / "bad1" / "checkpoint").exists()

@@ -57,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                        help="also export the EMA/target weights every N steps to OUT/snapshots/step-NNNNN "
                             "(pipeline folders, to pick a stopping point; default: never)")
+        if stage in ("student", "flow-student"):
+            p.add_argument("--target-ema-decay", type=float, default=0.95,
+                           help="EMA decay of the consistency target, which is also what is exported (default %(default)s)")
         if stage == "student":
             p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
+            p.add_argument("--ddim-timesteps", type=int, default=50,
+                           help="distillation grid: N DDIM timesteps, one teacher step = 1000/N timesteps "
+                                "(default %(default)s; must divide 1000)")
             p.add_argument("--huber-c", type=float, default=None,
                            help="pseudo-Huber constant of the consistency loss (default: iCT's 0.00054*sqrt(d))")
             p.add_argument("--huber-reduction", choices=("image", "element"), default="image",
@@ -114,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.stage == "flow-student":
             from qsched.builtin.train_flow_student import FlowStudentConfig, train_flow_student
 
-            cfg = FlowStudentConfig(loss=args.loss, huber_c=args.huber_c, guidance_scale=args.guidance_scale)
+            cfg = FlowStudentConfig(loss=args.loss, huber_c=args.huber_c, guidance_scale=args.guidance_scale,
+                                    target_ema_decay=args.target_ema_decay)
             folder = train_flow_student(opts, teacher=args.teacher, cfg=cfg)
         else:
             from qsched.builtin.train_student import StudentConfig, train_student
 
-            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction)
+            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction,
+                                num_ddim_timesteps=args.ddim_timesteps, target_ema_decay=args.target_ema_decay)
             folder = train_student(opts, teacher=args.teacher, cfg=cfg)
     except QSchedError as exc:
         print(f"error: {exc}", file=sys.stderr)

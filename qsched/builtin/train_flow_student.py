@@ -59,6 +59,8 @@ class FlowStudentConfig:
             raise QSchedError(f"num_sigmas must be >= 1 and guidance_scale >= 1, got {self.num_sigmas}, {self.guidance_scale}")
         if self.huber_c is not None and self.huber_c <= 0:
             raise QSchedError(f"huber_c must be positive, got {self.huber_c}")
+        if not 0.0 <= self.target_ema_decay < 1.0:
+            raise QSchedError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
 
 
 def load_flow_teacher(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

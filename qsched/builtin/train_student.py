@@ -29,6 +29,9 @@ from qsched.builtin.unet import (
 from qsched.errors import QSchedError
 
 
+HUBER_REDUCTIONS = ("image", "element")
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     num_ddim_timesteps: int = 50
@@ -43,6 +46,14 @@ class StudentConfig:
     huber_reduction: str = "image"
     warmup_steps: int = 50
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_ddim_timesteps < 1 or 1000 % self.num_ddim_timesteps:
+            raise QSchedError(f"num_ddim_timesteps must divide the 1000 training timesteps, got {self.num_ddim_timesteps}")
+        if not 0.0 <= self.target_ema_decay < 1.0:
+            raise QSchedError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
+        if self.huber_reduction not in HUBER_REDUCTIONS:
+            raise QSchedError(f"huber reduction must be one of {HUBER_REDUCTIONS}, got {self.huber_reduction!r}")
 
 
 def load_teacher_unet(folder: str | Path) -> tuple[torch.nn.Module, int]:
@@ -69,9 +80,6 @@ def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
         raise RuntimeError(f"teacher/student mismatch: missing {missing}, unexpected {unexpected}")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student
-
-
-HUBER_REDUCTIONS = ("image", "element")
 
 
 def ict_huber_c(values_per_image: int) -> float:
