@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="EMA decay of the consistency target, which is also what is exported (default %(default)s)")
         if stage == "student":
             p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
+            p.add_argument("--guidance-range", type=float, nargs=2, default=(1.5, 4.5), metavar=("MIN", "MAX"),
+                           help="the teacher's CFG scale is drawn from U[MIN, MAX] per image and embedded "
+                                "(default %(default)s; MIN = MAX trains one scale)")
             p.add_argument("--ddim-timesteps", type=int, default=50,
                            help="distillation grid: N DDIM timesteps, one teacher step = 1000/N timesteps "
                                 "(default %(default)s; must divide 1000)")
@@ -127,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qsched.builtin.train_student import StudentConfig, train_student
 
             cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction,
-                                num_ddim_timesteps=args.ddim_timesteps, target_ema_decay=args.target_ema_decay)
+                                num_ddim_timesteps=args.ddim_timesteps, target_ema_decay=args.target_ema_decay,
+                                guidance_min=args.guidance_range[0], guidance_max=args.guidance_range[1])
             folder = train_student(opts, teacher=args.teacher, cfg=cfg)
     except QSchedError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -52,6 +52,8 @@ class StudentConfig:
             raise QSchedError(f"num_ddim_timesteps must divide the 1000 training timesteps, got {self.num_ddim_timesteps}")
         if not 0.0 <= self.target_ema_decay < 1.0:
             raise QSchedError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
+        if not 1.0 <= self.guidance_min <= self.guidance_max:
+            raise QSchedError(f"guidance range must satisfy 1 <= min <= max, got [{self.guidance_min}, {self.guidance_max}]")
         if self.huber_reduction not in HUBER_REDUCTIONS:
             raise QSchedError(f"huber reduction must be one of {HUBER_REDUCTIONS}, got {self.huber_reduction!r}")
 
