@@ -74,3 +74,19 @@ def test_unknown_split_is_refused(recorded):
     with pytest.raises(SystemExit) as exc:  # the CLI refuses it before loading anything (argparse: exit 2)
         QE.main(["x", "--out", "unused", "--metrics", "10", "--split", "test"])
     assert exc.value.code == 2 and recorded[0].calls == []
+
+
+def test_grids_of_the_validation_split_use_validation_templates(recorded, tmp_path, monkeypatch):
+    pipe, _, _ = recorded
+    class ClassZeroProbe:
+        def __init__(self, **kwargs) -> None:
+            pass
+
+        def predict(self, images):
+            return torch.zeros(len(images), dtype=torch.long)
+
+    monkeypatch.setattr(QE, "KnnProbe", ClassZeroProbe)
+    QE.quick_eval("x", steps=[1], out=tmp_path, per_class=2, split="validation")
+    prompts = pipe.calls[0][0]
+    assert len(prompts) == 20 and all(any(p.startswith(t.split("{}")[0]) for t in cap.VALIDATION_TEMPLATES) for p in prompts)
+    assert (tmp_path / "grid_1steps.png").is_file()

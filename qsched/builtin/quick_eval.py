@@ -29,6 +29,13 @@ from qsched.builtin.data import DEFAULT_ROOT, load_split
 from qsched.errors import QSchedError
 
 
+#: ``--split``: "evaluation" = held-out evaluation prompts, FID against the test split (what is
+#: reported); "validation" = validation prompts, other noise seeds, FID against the last 10k training
+#: images (picking a stopping point without looking at the evaluation prompts or the test split)
+SPLITS = ("evaluation", "validation")
+VALIDATION_SEED_OFFSET = 1_000_000
+
+
 def pipeline_from_checkpoint(folder: Path) -> "DiffusionPipeline":  # noqa: F821
     """A pipeline from a training checkpoint (teacher: EMA weights; student: target weights)."""
     from qsched.builtin.pipeline import QSchedBuiltinPipeline
@@ -110,22 +117,27 @@ def grid_png(images: torch.Tensor, rows: int, path: Path, *, scale: int = 2) -> 
 
 def quick_eval(
     source: str, *, steps: Sequence[int], out: str | Path, guidance_scale: float = 3.0, per_class: int = 8,
-    seed: int = 0, data_root: str | Path = DEFAULT_ROOT, threads: int = 1,
+    seed: int = 0, data_root: str | Path = DEFAULT_ROOT, threads: int = 1, split: str = "evaluation",
 ) -> dict:
-    """Write grids (rows = classes, held-out prompts) and the k-NN class agreement per step count."""
+    """Write grids (rows = classes; held-out prompts, or validation prompts for ``split="validation"``)
+    and the k-NN class agreement per step count."""
     torch.set_num_threads(threads)
     pipe = load_any(source)
     probe = KnnProbe(data_root=data_root)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if split not in SPLITS:
+        raise QSchedError(f"unknown split {split!r}; allowed: {SPLITS}")
+    templates = cap.VALIDATION_TEMPLATES if split == "validation" else cap.HELDOUT_TEMPLATES
     prompts, labels = [], []
     for label, phrases in enumerate(cap.CLASS_PHRASES):
         for j in range(per_class):
-            template = cap.HELDOUT_TEMPLATES[j % len(cap.HELDOUT_TEMPLATES)]
+            template = templates[j % len(templates)]
             prompts.append(template.format(phrases[j % len(phrases)]))
             labels.append(label)
     labels_t = torch.tensor(labels)
-    results = {"source": str(source), "guidance_scale": guidance_scale, "per_class": per_class, "runs": {}}
+    results = {"source": str(source), "split": split, "guidance_scale": guidance_scale, "per_class": per_class,
+               "runs": {}}
     for n in steps:
         gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(len(prompts))]
         t0 = time.perf_counter()
@@ -139,13 +151,6 @@ def quick_eval(
         print(f"{n} steps: knn class agreement {acc:.3f}, {seconds:.1f}s", flush=True)
     (out / "quick_eval.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-#: ``--split``: "evaluation" = held-out evaluation prompts, FID against the test split (what is
-#: reported); "validation" = validation prompts, other noise seeds, FID against the last 10k training
-#: images (picking a stopping point without looking at the evaluation prompts or the test split)
-SPLITS = ("evaluation", "validation")
-VALIDATION_SEED_OFFSET = 1_000_000
 
 
 def prompt_metrics(
@@ -215,17 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=str(DEFAULT_ROOT))
     p.add_argument("--metrics", type=int, default=0, metavar="N",
-                   help="also compute FID-EffNet (+ CLIP metrics) on N held-out evaluation prompts")
+                   help="also compute FID-EffNet (+ CLIP metrics) on N prompts of --split")
     p.add_argument("--split", choices=SPLITS, default="evaluation",
-                   help="--metrics on the evaluation prompts vs the test split (default), or on validation "
-                        "prompts vs the last 10k training images (to choose between runs or snapshots)")
+                   help="grids and --metrics on the held-out evaluation prompts, FID against the test split "
+                        "(default), or on validation prompts, FID against the last 10k training images "
+                        "(to choose between runs or snapshots)")
     args = p.parse_args(argv)
     try:
         if args.metrics:
             prompt_metrics(args.source, steps=args.steps, n_images=args.metrics, guidance_scale=args.guidance_scale,
                            seed=args.seed, threads=args.threads, out=args.out, split=args.split)
         quick_eval(args.source, steps=args.steps, out=args.out, guidance_scale=args.guidance_scale,
-                   per_class=args.per_class, seed=args.seed, data_root=args.data_root, threads=args.threads)
+                   per_class=args.per_class, seed=args.seed, data_root=args.data_root, threads=args.threads,
+                   split=args.split)
     except QSchedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
