@@ -89,4 +89,5 @@ def test_grids_of_the_validation_split_use_validation_templates(recorded, tmp_pa
     QE.quick_eval("x", steps=[1], out=tmp_path, per_class=2, split="validation")
     prompts = pipe.calls[0][0]
     assert len(prompts) == 20 and all(any(p.startswith(t.split("{}")[0]) for t in cap.VALIDATION_TEMPLATES) for p in prompts)
+    assert pipe.calls[0][1] == [QE.VALIDATION_SEED_OFFSET + i for i in range(20)]
     assert (tmp_path / "grid_1steps.png").is_file()

@@ -36,6 +36,11 @@ SPLITS = ("evaluation", "validation")
 VALIDATION_SEED_OFFSET = 1_000_000
 
 
+def first_seed(seed: int, split: str) -> int:
+    """Image i of a run draws its noise from seed ``first_seed(seed, split) + i``."""
+    return seed * 100003 + (VALIDATION_SEED_OFFSET if split == "validation" else 0)
+
+
 def pipeline_from_checkpoint(folder: Path) -> "DiffusionPipeline":  # noqa: F821
     """A pipeline from a training checkpoint (teacher: EMA weights; student: target weights)."""
     from qsched.builtin.pipeline import QSchedBuiltinPipeline
@@ -139,7 +144,7 @@ def quick_eval(
     results = {"source": str(source), "split": split, "guidance_scale": guidance_scale, "per_class": per_class,
                "runs": {}}
     for n in steps:
-        gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(len(prompts))]
+        gens = [torch.Generator().manual_seed(first_seed(seed, split) + i) for i in range(len(prompts))]
         t0 = time.perf_counter()
         images = pipe(prompts, num_inference_steps=n, guidance_scale=guidance_scale, generator=gens,
                       output_type="pt").images
@@ -170,7 +175,6 @@ def prompt_metrics(
     validation = split == "validation"
     pairs = cap.validation_prompts(per_class=per_class) if validation else cap.evaluation_prompts(per_class=per_class)
     reference = reference_stats("effnet", reference_set="validation") if validation else None
-    first_seed = seed * 100003 + (VALIDATION_SEED_OFFSET if validation else 0)
     prompts, labels = [p for p, _ in pairs], torch.tensor([lab for _, lab in pairs])
     clip = None
     try:
@@ -189,7 +193,7 @@ def prompt_metrics(
     results["fid_effnet_real_train_same_n"] = round(fid(real_pt, kind="effnet", reference=reference), 2)
     print(f"FID-EffNet of {len(prompts)} real training images (floor): {results['fid_effnet_real_train_same_n']}")
     for n in steps:
-        gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(prompts))]
+        gens = [torch.Generator().manual_seed(first_seed(seed, split) + i) for i in range(len(prompts))]
         images = pipe(prompts, num_inference_steps=n, guidance_scale=guidance_scale, generator=gens,
                       output_type="pt").images
         row = {"fid_effnet": round(fid(images, kind="effnet", reference=reference), 2)}
