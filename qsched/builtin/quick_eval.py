@@ -36,6 +36,12 @@ SPLITS = ("evaluation", "validation")
 VALIDATION_SEED_OFFSET = 1_000_000
 
 
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise QSchedError(f"unknown split {split!r}; allowed: {SPLITS}")
+    return split
+
+
 def first_seed(seed: int, split: str) -> int:
     """Image i of a run draws its noise from seed ``first_seed(seed, split) + i``."""
     return seed * 100003 + (VALIDATION_SEED_OFFSET if split == "validation" else 0)
@@ -126,13 +132,12 @@ def quick_eval(
 ) -> dict:
     """Write grids (rows = classes; held-out prompts, or validation prompts for ``split="validation"``)
     and the k-NN class agreement per step count."""
+    check_split(split)
     torch.set_num_threads(threads)
     pipe = load_any(source)
     probe = KnnProbe(data_root=data_root)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if split not in SPLITS:
-        raise QSchedError(f"unknown split {split!r}; allowed: {SPLITS}")
     templates = cap.VALIDATION_TEMPLATES if split == "validation" else cap.HELDOUT_TEMPLATES
     prompts, labels = [], []
     for label, phrases in enumerate(cap.CLASS_PHRASES):
@@ -167,8 +172,7 @@ def prompt_metrics(
     CLIP score and CLIP-IQA; per step count."""
     from qsched.builtin.fid import fid, reference_stats
 
-    if split not in SPLITS:
-        raise QSchedError(f"unknown split {split!r}; allowed: {SPLITS}")
+    check_split(split)
     torch.set_num_threads(threads)
     pipe = load_any(source)
     per_class = max(1, n_images // len(cap.CLASS_NAMES))

@@ -35,14 +35,11 @@ class Snapshot:
     folder: Path
 
 
-def _last_step(run_folder: Path) -> int | None:
-    """The step of a run's final export, from the training checkpoint next to it, if the layout is the usual one."""
-    for metrics in run_folder.glob("pipeline/metrics.json"):
-        source = Path(json.loads(metrics.read_text())["source"])
-        state = source.parent / "checkpoint" / "state.json"
-        if state.is_file():
-            return int(json.loads(state.read_text())["step"])
-    return None
+def _export_step(record: dict) -> int | None:
+    """The step of a run's final export (a ``pipeline/`` measurement), from the training checkpoint
+    beside the measured source, if the layout is the usual one."""
+    state = Path(record["source"]).parent / "checkpoint" / "state.json"
+    return int(json.loads(state.read_text())["step"]) if state.is_file() else None
 
 
 def parse_run(arg: str) -> tuple[str, Path]:
@@ -60,10 +57,12 @@ def read_run(folder: str | Path, *, steps: int = 4, label: str | None = None) ->
     for metrics in sorted(folder.glob("*/metrics.json")):
         name = metrics.parent.name
         match = STEP_DIR.match(name)
-        step = int(match.group(1)) if match else (_last_step(folder) if name == "pipeline" else None)
-        if step is None:
+        if not match and name != "pipeline":
             continue
         record = json.loads(metrics.read_text())
+        step = int(match.group(1)) if match else _export_step(record)
+        if step is None:
+            continue
         if record.get("split") != "validation":
             raise QSchedError(f"{metrics} is not a validation measurement (split {record.get('split')!r}); "
                               "choose stopping points on --split validation only")
