@@ -65,5 +65,6 @@ def test_cli_table_pick_labels_and_plot(run, tmp_path, capsys):
     assert S.main([f"my run={run}", "--reference", str(teacher), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "| my run | 100 | 645.0 | +7.5% | 0.930 |" in out and "chosen: my run step 100" in out
+    assert f"\npipeline: {tmp_path / 'train' / 'pipeline'}\n" in out  # what to measure on the evaluation split
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert S.main([str(tmp_path / "absent")]) == 2

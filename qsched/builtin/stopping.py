@@ -7,7 +7,8 @@ Each argument is a folder of ``quick_eval --split validation`` outputs, one subf
 snapshot (``step-NNNNN/metrics.json``; ``pipeline/`` is read as the run's last step). The rule:
 the lowest validation FID among the snapshots whose validation zero-shot accuracy reaches
 ``--min-zero-shot``; if none does, the highest zero-shot accuracy. It prints the table (markdown)
-and the pick; the plot shows FID and zero-shot accuracy against the training step per run.
+and the pick (its measurement folder, then the measured pipeline on a line of its own, for the
+evaluation-split command); the plot shows FID and zero-shot accuracy against the training step per run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Snapshot:
     fid: float
     zero_shot: float
     clean: float  # CLIP-IQA clean/noisy
-    folder: Path
+    folder: Path  # the measurement (quick_eval output)
+    source: str  # the measured pipeline or checkpoint folder
 
 
 def _export_step(record: dict) -> int | None:
@@ -70,7 +72,8 @@ def read_run(folder: str | Path, *, steps: int = 4, label: str | None = None) ->
         if run is None:
             raise QSchedError(f"{metrics} has no {steps}-step row; measured: {sorted(record['runs'])}")
         rows.append(Snapshot(run=label or folder.name, step=step, fid=run["fid_effnet"], zero_shot=run["zero_shot_accuracy"],
-                             clean=run.get("clip_iqa_noisiness", float("nan")), folder=metrics.parent))
+                             clean=run.get("clip_iqa_noisiness", float("nan")), folder=metrics.parent,
+                             source=record["source"]))
     if not rows:
         raise QSchedError(f"no snapshot metrics in {folder} (expected step-NNNNN/metrics.json)")
     return sorted(rows, key=lambda r: r.step)
@@ -147,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown(runs, reference_fid))
         print(f"\nchosen: {chosen.run} step {chosen.step} (validation FID {chosen.fid:.1f}, zero-shot "
               f"{chosen.zero_shot:.3f}) from {chosen.folder}")
+        print(f"pipeline: {chosen.source}")
         if args.plot:
             print(plot(runs, args.plot, chosen=chosen, min_zero_shot=args.min_zero_shot, reference_fid=reference_fid))
     except (QSchedError, OSError, KeyError) as exc:
