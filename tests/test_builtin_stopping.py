@@ -68,3 +68,16 @@ def test_cli_table_pick_labels_and_plot(run, tmp_path, capsys):
     assert f"\npipeline: {tmp_path / 'train' / 'pipeline'}\n" in out  # what to measure on the evaluation split
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert S.main([str(tmp_path / "absent")]) == 2
+
+
+def test_cli_draws_other_measurements_at_the_same_step_count(run, tmp_path, capsys):
+    ddim = tmp_path / "ddim4.json"
+    ddim.write_text(json.dumps({"runs": {"4": {"fid_effnet": 620.0}}}))
+    png = tmp_path / "curve.png"
+    assert S.main([str(run), "--line", f"teacher, 4 DDIM steps={ddim}", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert S.read_line(f"x={ddim}", steps=4) == ("x", 620.0)
+    with pytest.raises(QSchedError, match="no 8-step row"):
+        S.read_line(f"x={ddim}", steps=8)
+    assert S.main([str(run), "--line", str(ddim)]) == 2
+    assert "LABEL=METRICS_JSON" in capsys.readouterr().err

@@ -8,7 +8,9 @@ snapshot (``step-NNNNN/metrics.json``; ``pipeline/`` is read as the run's last s
 the lowest validation FID among the snapshots whose validation zero-shot accuracy reaches
 ``--min-zero-shot``; if none does, the highest zero-shot accuracy. It prints the table (markdown)
 and the pick (its measurement folder, then the measured pipeline on a line of its own, for the
-evaluation-split command); the plot shows FID and zero-shot accuracy against the training step per run.
+evaluation-split command); the plot shows FID and zero-shot accuracy against the training step per run,
+with the teacher's FID (``--reference``) and any other measurement at the same step count (``--line``,
+e.g. the teacher's own few-step sampler) as horizontal lines.
 """
 
 from __future__ import annotations
@@ -98,8 +100,19 @@ def markdown(runs: dict[str, list[Snapshot]], reference_fid: float | None = None
     return "\n".join(lines)
 
 
+def read_line(arg: str, *, steps: int) -> tuple[str, float]:
+    """``LABEL=METRICS_JSON``: a horizontal line at that measurement's ``steps``-step FID."""
+    label, sep, path = arg.partition("=")
+    if not sep:
+        raise QSchedError(f"--line takes LABEL=METRICS_JSON, got {arg!r}")
+    runs = json.loads(Path(path).read_text())["runs"]
+    if str(steps) not in runs:
+        raise QSchedError(f"{path} has no {steps}-step row; measured: {sorted(runs)}")
+    return label, runs[str(steps)]["fid_effnet"]
+
+
 def plot(runs: dict[str, list[Snapshot]], path: str | Path, *, chosen: Snapshot, min_zero_shot: float,
-         reference_fid: float | None = None) -> Path:
+         reference_fid: float | None = None, lines: Sequence[tuple[str, float]] = ()) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +126,8 @@ def plot(runs: dict[str, list[Snapshot]], path: str | Path, *, chosen: Snapshot,
         for factor, style in ((1.0, "-"), (1.1, "--")):
             ax_fid.axhline(reference_fid * factor, color="gray", ls=style, lw=1,
                            label="teacher" if factor == 1.0 else "teacher +10%")
+    for label, fid in lines:
+        ax_fid.axhline(fid, color="tab:green", ls=":", lw=1.2, label=label)
     ax_zs.axhline(min_zero_shot, color="gray", ls="--", lw=1, label=f"zero-shot {min_zero_shot}")
     ax_fid.plot([chosen.step], [chosen.fid], marker="*", ms=14, color="k", ls="none", label="chosen")
     ax_fid.set(xlabel="distillation step", ylabel="validation FID-EffNet (N=300)", title="FID (lower is better)")
@@ -136,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reference", default=None, metavar="METRICS_JSON",
                    help="the teacher's validation metrics.json: FIDs are also shown relative to its FID")
     p.add_argument("--reference-steps", type=int, default=25)
+    p.add_argument("--line", action="append", default=[], metavar="LABEL=METRICS_JSON",
+                   help="also draw this measurement's FID at --steps as a horizontal line (repeatable)")
     p.add_argument("--plot", default=None, help="write a PNG of FID and zero-shot against the step")
     args = p.parse_args(argv)
     try:
@@ -146,13 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference_fid = None
         if args.reference:
             reference_fid = json.loads(Path(args.reference).read_text())["runs"][str(args.reference_steps)]["fid_effnet"]
+        lines = [read_line(arg, steps=args.steps) for arg in args.line]
         chosen = pick([s for rows in runs.values() for s in rows], min_zero_shot=args.min_zero_shot)
         print(markdown(runs, reference_fid))
         print(f"\nchosen: {chosen.run} step {chosen.step} (validation FID {chosen.fid:.1f}, zero-shot "
               f"{chosen.zero_shot:.3f}) from {chosen.folder}")
         print(f"pipeline: {chosen.source}")
         if args.plot:
-            print(plot(runs, args.plot, chosen=chosen, min_zero_shot=args.min_zero_shot, reference_fid=reference_fid))
+            print(plot(runs, args.plot, chosen=chosen, min_zero_shot=args.min_zero_shot, reference_fid=reference_fid,
+                       lines=lines))
     except (QSchedError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
