@@ -127,7 +127,7 @@ def plot(runs: dict[str, list[Snapshot]], path: str | Path, *, chosen: Snapshot,
             ax_fid.axhline(reference_fid * factor, color="gray", ls=style, lw=1,
                            label="teacher" if factor == 1.0 else "teacher +10%")
     for label, fid in lines:
-        ax_fid.axhline(fid, color="tab:green", ls=":", lw=1.2, label=label)
+        ax_fid.axhline(fid, color="k", ls=":", lw=1.2, label=label)
     ax_zs.axhline(min_zero_shot, color="gray", ls="--", lw=1, label=f"zero-shot {min_zero_shot}")
     ax_fid.plot([chosen.step], [chosen.fid], marker="*", ms=14, color="k", ls="none", label="chosen")
     ax_fid.set(xlabel="distillation step", ylabel="validation FID-EffNet (N=300)", title="FID (lower is better)")
