@@ -130,7 +130,8 @@ def plot_landscape(
     ax.set_xlabel(f"{px} (c_x at the first step)")
     ax.set_ylabel(f"{py} (c_eps at the first step)")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    # below the axes: the best point is often a corner of the box, where a legend inside would hide it
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=7, frameon=False)
     return _replace(Path(path), _figure_bytes(fig))
 
 
