@@ -74,7 +74,11 @@ def test_cli_draws_other_measurements_at_the_same_step_count(run, tmp_path, caps
     ddim = tmp_path / "ddim4.json"
     ddim.write_text(json.dumps({"runs": {"4": {"fid_effnet": 620.0}}}))
     png = tmp_path / "curve.png"
-    assert S.main([str(run), "--line", f"teacher, 4 DDIM steps={ddim}", "--plot", str(png)]) == 0
+    teacher = tmp_path / "teacher.json"
+    teacher.write_text(json.dumps({"runs": {"25": {"fid_effnet": 600.0}}}))
+    assert S.main([str(run), "--line", f"teacher, 4 DDIM steps={ddim}", "--reference", str(teacher),
+                   "--plot", str(png)]) == 0
+    assert "teacher, 4 DDIM steps: FID 620.0 (+3.3% vs reference)" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert S.read_line(f"x={ddim}", steps=4) == ("x", 620.0)
     with pytest.raises(QSchedError, match="no 8-step row"):

@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = [read_line(arg, steps=args.steps) for arg in args.line]
         chosen = pick([s for rows in runs.values() for s in rows], min_zero_shot=args.min_zero_shot)
         print(markdown(runs, reference_fid))
+        for label, fid in lines:
+            rel = f" ({100 * (fid / reference_fid - 1):+.1f}% vs reference)" if reference_fid else ""
+            print(f"{label}: FID {fid:.1f}{rel}")
         print(f"\nchosen: {chosen.run} step {chosen.step} (validation FID {chosen.fid:.1f}, zero-shot "
               f"{chosen.zero_shot:.3f}) from {chosen.folder}")
         print(f"pipeline: {chosen.source}")
