@@ -95,9 +95,21 @@ def markdown(runs: dict[str, list[Snapshot]], reference_fid: float | None = None
     lines = ["| run | step | validation FID | vs reference | zero-shot | CLIP-IQA clean |", "|---|---|---|---|---|---|"]
     for name, rows in runs.items():
         for r in rows:
-            rel = f"{100 * (r.fid / reference_fid - 1):+.1f}%" if reference_fid else ""
+            rel = _relative(r.fid, reference_fid) if reference_fid else ""
             lines.append(f"| {name} | {r.step} | {r.fid:.1f} | {rel} | {r.zero_shot:.3f} | {r.clean:.3f} |")
     return "\n".join(lines)
+
+
+def _relative(fid: float, reference_fid: float) -> str:
+    return f"{100 * (fid / reference_fid - 1):+.1f}%"
+
+
+def measured_fid(path: str | Path, *, steps: int) -> float:
+    """The ``steps``-step FID of one ``quick_eval`` metrics.json."""
+    runs = json.loads(Path(path).read_text())["runs"]
+    if str(steps) not in runs:
+        raise QSchedError(f"{path} has no {steps}-step row; measured: {sorted(runs)}")
+    return runs[str(steps)]["fid_effnet"]
 
 
 def read_line(arg: str, *, steps: int) -> tuple[str, float]:
@@ -105,10 +117,7 @@ def read_line(arg: str, *, steps: int) -> tuple[str, float]:
     label, sep, path = arg.partition("=")
     if not sep:
         raise QSchedError(f"--line takes LABEL=METRICS_JSON, got {arg!r}")
-    runs = json.loads(Path(path).read_text())["runs"]
-    if str(steps) not in runs:
-        raise QSchedError(f"{path} has no {steps}-step row; measured: {sorted(runs)}")
-    return label, runs[str(steps)]["fid_effnet"]
+    return label, measured_fid(path, steps=steps)
 
 
 def plot(runs: dict[str, list[Snapshot]], path: str | Path, *, chosen: Snapshot, min_zero_shot: float,
@@ -162,12 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs[label] = read_run(folder, steps=args.steps, label=label)
         reference_fid = None
         if args.reference:
-            reference_fid = json.loads(Path(args.reference).read_text())["runs"][str(args.reference_steps)]["fid_effnet"]
+            reference_fid = measured_fid(args.reference, steps=args.reference_steps)
         lines = [read_line(arg, steps=args.steps) for arg in args.line]
         chosen = pick([s for rows in runs.values() for s in rows], min_zero_shot=args.min_zero_shot)
         print(markdown(runs, reference_fid))
         for label, fid in lines:
-            rel = f" ({100 * (fid / reference_fid - 1):+.1f}% vs reference)" if reference_fid else ""
+            rel = f" ({_relative(fid, reference_fid)} vs reference)" if reference_fid else ""
             print(f"{label}: FID {fid:.1f}{rel}")
         print(f"\nchosen: {chosen.run} step {chosen.step} (validation FID {chosen.fid:.1f}, zero-shot "
               f"{chosen.zero_shot:.3f}) from {chosen.folder}")
