@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from qsched.builtin.data import write_fake_dataset
 from qsched.builtin.flow_pipeline import QSchedBuiltinFlowPipeline
 from qsched.builtin.train import main
-from qsched.builtin.train_flow_student import FlowStudentConfig
+from qsched.builtin.train_flow_student import FlowStudentConfig, phase_edges
 from qsched.builtin.train_flow_teacher import FlowTeacherConfig, sample_sigmas
 from qsched.errors import QSchedError
 from qsched.families import load_pipeline
@@ -131,3 +131,25 @@ def test_student_target_decay_option_is_recorded(teacher_run, data, tmp_path):
     assert main(["flow-student", "--teacher", str(teacher_run / "pipeline"), "--data-root", data, *TINY,
                  "--out", str(out), "--steps", "1", "--target-ema-decay", "0.5"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["config"]["target_ema_decay"] == 0.5
+
+
+def test_phase_edges():
+    k = torch.arange(1, 41)  # links k/40 -> (k-1)/40
+    assert torch.equal(phase_edges(k, 40, 1), torch.zeros(40))  # consistency: every link maps to sigma 0
+    assert torch.allclose(phase_edges(k, 40, 40), (k - 1).float() / 40)  # one link per phase: the edge is s'
+    four = phase_edges(k, 40, 4)
+    assert torch.equal(four[:10], torch.zeros(10))  # s = 0.025 .. 0.25 -> 0: the 4-step sampler's last jump
+    assert torch.allclose(four[10:20], torch.full((10,), 0.25))  # s = 0.275 .. 0.5 -> 0.25
+    assert torch.allclose(four[30:], torch.full((10,), 0.75))  # s = 0.775 .. 1 -> 0.75: the first jump
+    for phases in (0, 3, 80):
+        with pytest.raises(QSchedError, match="phases must divide"):
+            FlowStudentConfig(phases=phases)
+
+
+@pytest.mark.parametrize("phases", ["4", "40"])
+def test_student_phases_train_and_are_recorded(teacher_run, data, tmp_path, phases):
+    out = tmp_path / "s"
+    assert main(["flow-student", "--teacher", str(teacher_run / "pipeline"), "--data-root", data, *TINY,
+                 "--out", str(out), "--steps", "2", "--phases", phases]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["config"]["phases"] == int(phases)
+    assert load_pipeline(out / "pipeline").pipe.is_distilled

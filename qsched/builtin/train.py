@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant (default: iCT's)")
             p.add_argument("--guidance-scale", type=float, default=3.0,
                            help="the teacher's CFG scale, baked into the student (default %(default)s)")
+            p.add_argument("--phases", type=int, default=1,
+                           help="phased consistency (PCM): P equal phases of the 40-link grid, each distilled to "
+                                "its lower edge (default %(default)s: consistency to sigma 0; 4: one phase per "
+                                "4-step FlowMatchEuler jump; 40: guidance distillation)")
     ship = sub.add_parser("ship", help="copy a trained pipeline folder into the package assets (fp16 weights)")
     ship.add_argument("src", help="pipeline folder, e.g. runs/builtin/student/pipeline")
     ship.add_argument("dst", help="destination, e.g. qsched/builtin/assets/student")
@@ -124,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qsched.builtin.train_flow_student import FlowStudentConfig, train_flow_student
 
             cfg = FlowStudentConfig(loss=args.loss, huber_c=args.huber_c, guidance_scale=args.guidance_scale,
-                                    target_ema_decay=args.target_ema_decay)
+                                    target_ema_decay=args.target_ema_decay, phases=args.phases)
             folder = train_flow_student(opts, teacher=args.teacher, cfg=cfg)
         else:
             from qsched.builtin.train_student import StudentConfig, train_student

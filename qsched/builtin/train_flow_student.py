@@ -14,6 +14,15 @@ teacher (fixed scale, baked into the student since it has no guidance input) giv
 target's ``f(x_{s'}, s')`` (= ``x_{s'}`` itself at ``s' = 0``). Loss: pseudo-Huber on the
 per-image distance with iCT's ``c = 0.00054 * sqrt(d)`` (d = 1024 values per image), or MSE.
 The student starts as a copy of the teacher.
+
+Phases (``phases = P``, PCM's phased consistency): the grid is cut into P equal phases with
+edges ``j/P``; the student's estimate is taken at the lower edge ``e`` of its phase,
+``x_s + (e - s) v_student(x_s, s)``, and compared with the target's ``x_{s'} + (e - s') v_target``
+(``x_{s'}`` itself when ``s'`` is the edge). P = 1 is the consistency recipe above (e = 0);
+a FlowMatchEuler sampler with P steps then jumps from edge to edge, each jump learnt as one
+phase's consistency map, so errors no longer accumulate across phases. P = N leaves one grid
+link per phase: no target network, the student regresses the teacher's guided velocity
+(guidance distillation).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ LOSSES = ("pseudo-huber", "mse")
 @dataclass(frozen=True)
 class FlowStudentConfig:
     num_sigmas: int = 40  # distillation grid k/N, k = 1..N
+    phases: int = 1  # P: consistency within P equal phases (1: to sigma 0; num_sigmas: guidance distillation)
     guidance_scale: float = 3.0  # the teacher's CFG scale, baked into the student
     target_ema_decay: float = 0.95
     loss: str = "pseudo-huber"
@@ -57,10 +67,18 @@ class FlowStudentConfig:
             raise QSchedError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.num_sigmas < 1 or self.guidance_scale < 1.0:
             raise QSchedError(f"num_sigmas must be >= 1 and guidance_scale >= 1, got {self.num_sigmas}, {self.guidance_scale}")
+        if self.phases < 1 or self.num_sigmas % self.phases:
+            raise QSchedError(f"phases must divide num_sigmas ({self.num_sigmas}), got {self.phases}")
         if self.huber_c is not None and self.huber_c <= 0:
             raise QSchedError(f"huber_c must be positive, got {self.huber_c}")
         if not 0.0 <= self.target_ema_decay < 1.0:
             raise QSchedError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
+
+
+def phase_edges(k: torch.Tensor, num_sigmas: int, phases: int) -> torch.Tensor:
+    """The lower phase edge ``e`` of each grid link ``k/N -> (k-1)/N`` (k = 1..N), as a sigma."""
+    links = num_sigmas // phases
+    return torch.div(k - 1, links, rounding_mode="floor").float() * links / num_sigmas
 
 
 def load_flow_teacher(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -113,13 +131,20 @@ def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStu
         s, s_prev = k.float() / n, (k - 1).float() / n
         noise = torch.randn(x0.shape, generator=gen)
         sv, spv = s.view(-1, 1, 1), s_prev.view(-1, 1, 1)
+        edge = phase_edges(k, n, cfg.phases)
+        ev = edge.view(-1, 1, 1)
         xs = (1 - sv) * x0 + sv * noise
-        f_student = xs - sv * velocity(student, xs, s, ctx, pooled, height=size, width=size)
+        f_student = xs + (ev - sv) * velocity(student, xs, s, ctx, pooled, height=size, width=size)
         with torch.no_grad():
             v_c, v_u = velocity(teacher_model, torch.cat([xs, xs]), torch.cat([s, s]), torch.cat([ctx, null_ctx]),
                                 torch.cat([pooled, null_pooled]), height=size, width=size).chunk(2)
             x_prev = xs + (spv - sv) * (v_u + cfg.guidance_scale * (v_c - v_u))  # one Euler step s -> s'
-            f_target = x_prev - spv * velocity(target, x_prev, s_prev, ctx, pooled, height=size, width=size)
+            f_target = x_prev.clone()  # at s' = e the target is x_{s'} itself
+            inner = edge < s_prev  # links whose s' lies inside the phase: the target network maps on to e
+            if bool(inner.any()):
+                i = inner.nonzero().flatten()
+                f_target[i] = x_prev[i] + (ev[i] - spv[i]) * velocity(target, x_prev[i], s_prev[i], ctx[i], pooled[i],
+                                                                      height=size, width=size)
         if cfg.loss == "mse":
             return torch.nn.functional.mse_loss(f_student, f_target)
         return pseudo_huber(f_student, f_target, huber_c, "image")
