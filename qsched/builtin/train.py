@@ -22,7 +22,7 @@ DEFAULTS = {
     "teacher": dict(out="runs/builtin/teacher", steps=4000, batch_size=64, lr=3e-4),
     "student": dict(out="runs/builtin/student", steps=400, batch_size=32, lr=2e-4),  # the shipped student's
     "flow-teacher": dict(out="runs/builtin/flow-teacher", steps=1800, batch_size=64, lr=3e-4),
-    "flow-student": dict(out="runs/builtin/flow-student", steps=1200, batch_size=32, lr=1e-4),
+    "flow-student": dict(out="runs/builtin/flow-student", steps=100, batch_size=32, lr=1e-4),  # the shipped student's
 }
 FLOW_STAGES = ("flow-teacher", "flow-student")
 
@@ -83,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant (default: iCT's)")
             p.add_argument("--guidance-scale", type=float, default=3.0,
                            help="the teacher's CFG scale, baked into the student (default %(default)s)")
-            p.add_argument("--phases", type=int, default=1,
+            p.add_argument("--phases", type=int, default=40,
                            help="phased consistency (PCM): P equal phases of the 40-link grid, each distilled to "
-                                "its lower edge (default %(default)s: consistency to sigma 0; 4: one phase per "
-                                "4-step FlowMatchEuler jump; 40: guidance distillation)")
+                                "its lower edge (1: consistency to sigma 0, the first recipe; 4: one phase per "
+                                "4-step FlowMatchEuler jump; default %(default)s, the shipped: guidance distillation)")
     ship = sub.add_parser("ship", help="copy a trained pipeline folder into the package assets (fp16 weights)")
     ship.add_argument("src", help="pipeline folder, e.g. runs/builtin/student/pipeline")
     ship.add_argument("dst", help="destination, e.g. qsched/builtin/assets/student")
