@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from qsched.builtin.data import write_fake_dataset
 from qsched.builtin.flow_pipeline import QSchedBuiltinFlowPipeline
 from qsched.builtin.train import main
-from qsched.builtin.train_flow_student import FlowStudentConfig, phase_edges
+from qsched.builtin.train_flow_student import FlowStudentConfig, phase_edges, phased_pair
 from qsched.builtin.train_flow_teacher import FlowTeacherConfig, sample_sigmas
 from qsched.errors import QSchedError
 from qsched.families import load_pipeline
@@ -136,7 +136,7 @@ def test_student_target_decay_option_is_recorded(teacher_run, data, tmp_path):
 def test_phase_edges():
     k = torch.arange(1, 41)  # links k/40 -> (k-1)/40
     assert torch.equal(phase_edges(k, 40, 1), torch.zeros(40))  # consistency: every link maps to sigma 0
-    assert torch.allclose(phase_edges(k, 40, 40), (k - 1).float() / 40)  # one link per phase: the edge is s'
+    assert torch.equal(phase_edges(k, 40, 40), (k - 1).float() / 40)  # one link per phase: the edge is s', exactly
     four = phase_edges(k, 40, 4)
     assert torch.equal(four[:10], torch.zeros(10))  # s = 0.025 .. 0.25 -> 0: the 4-step sampler's last jump
     assert torch.allclose(four[10:20], torch.full((10,), 0.25))  # s = 0.275 .. 0.5 -> 0.25
@@ -153,3 +153,47 @@ def test_student_phases_train_and_are_recorded(teacher_run, data, tmp_path, phas
                  "--out", str(out), "--steps", "2", "--phases", phases]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["config"]["phases"] == int(phases)
     assert load_pipeline(out / "pipeline").pipe.is_distilled
+
+
+def _toy_velocities(calls):
+    """Distinct, known velocity fields; ``calls`` records the rows the target network is asked for."""
+    student = lambda x, sigma: 0.5 * x + sigma.view(-1, 1, 1)  # noqa: E731
+    guided = lambda x, sigma: -x + 2 * sigma.view(-1, 1, 1)  # noqa: E731
+
+    def target(x, sigma, rows):
+        calls.append(rows.tolist())
+        return 0.25 * x - sigma.view(-1, 1, 1)
+    return student, guided, target
+
+
+def test_phased_pair_matches_its_definition():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.tensor([1, 2, 10, 11, 12, 20, 21, 40])
+    xs = torch.randn(len(k), 3, 5, generator=gen)
+    s, s1 = (k.float() / 40).view(-1, 1, 1), ((k - 1).float() / 40).view(-1, 1, 1)
+    calls = []
+    student, guided, target = _toy_velocities(calls)
+    x_prev = xs + (s1 - s) * guided(xs, s.flatten())
+
+    # one phase = consistency to sigma 0: f = x - s v, the target f(x_{s'}, s') = x_{s'} - s' v_target
+    f_s, f_t = phased_pair(xs, k, 40, 1, student=student, guided=guided, target=target)
+    assert torch.allclose(f_s, xs - s * student(xs, s.flatten()))
+    want = x_prev - s1 * target(x_prev, s1.flatten(), torch.arange(len(k)))
+    assert torch.allclose(f_t, want) and calls[0] == [1, 2, 3, 4, 5, 6, 7]  # k = 1 needs no target network: s' = 0
+
+    # N phases = guidance distillation: the target network is never called, and the two
+    # estimates differ by exactly (s' - s) (v_student - v_guided)
+    calls.clear()
+    f_s, f_t = phased_pair(xs, k, 40, 40, student=student, guided=guided, target=target)
+    assert calls == []
+    assert torch.allclose(f_s - f_t, (s1 - s) * (student(xs, s.flatten()) - guided(xs, s.flatten())), atol=1e-6)
+
+    # four phases: each sample's estimate lands on its phase's lower edge (0, 0.25, 0.5, 0.75)
+    f_s, f_t = phased_pair(xs, k, 40, 4, student=student, guided=guided, target=target)
+    edge = torch.tensor([0, 0, 0, 0.25, 0.25, 0.25, 0.5, 0.75]).view(-1, 1, 1)
+    assert torch.allclose(f_s, xs + (edge - s) * student(xs, s.flatten()))
+    assert calls == [[1, 2, 4, 5, 7]]  # k = 1, 11, 21 step onto their edge; k = 40 and the rest map on
+    inner = [1, 2, 4, 5, 7]
+    want = x_prev.clone()
+    want[inner] = x_prev[inner] + (edge[inner] - s1[inner]) * (0.25 * x_prev[inner] - s1[inner])
+    assert torch.allclose(f_t, want)

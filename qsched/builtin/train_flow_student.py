@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -84,6 +84,32 @@ def phase_edges(k: torch.Tensor, num_sigmas: int, phases: int) -> torch.Tensor:
     return torch.div(k - 1, links, rounding_mode="floor").float() * links / num_sigmas
 
 
+def phased_pair(
+    xs: torch.Tensor, k: torch.Tensor, num_sigmas: int, phases: int, *,
+    student: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    target: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's estimate and its target, both at the phase edge of each sample's link.
+
+    ``xs`` [B, ...] are noisy samples at ``s = k/N``; ``student(x, sigma)`` and
+    ``guided(x, sigma)`` (the teacher's CFG velocity) are velocities of the whole batch,
+    ``target(x, sigma, rows)`` the target network's for those rows of it. The target network is
+    called only for links whose ``s'`` lies strictly inside its phase (never when P = N).
+    """
+    s, s_prev = k.float() / num_sigmas, (k - 1).float() / num_sigmas
+    edge = phase_edges(k, num_sigmas, phases)
+    sv, spv, ev = (t.view(-1, *([1] * (xs.dim() - 1))) for t in (s, s_prev, edge))
+    f_student = xs + (ev - sv) * student(xs, s)
+    with torch.no_grad():
+        x_prev = xs + (spv - sv) * guided(xs, s)  # one Euler step of the guided teacher, s -> s'
+        f_target = x_prev.clone()  # at s' = e the target is x_{s'} itself
+        inner = (edge < s_prev).nonzero().flatten()  # the target network maps on from s' to e
+        if len(inner):
+            f_target[inner] = x_prev[inner] + (ev[inner] - spv[inner]) * target(x_prev[inner], s_prev[inner], inner)
+    return f_student, f_target
+
+
 def load_flow_teacher(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The teacher transformer (frozen, eval) and its pipeline config (``model_index.json``)."""
     from diffusers import FluxTransformer2DModel
@@ -131,23 +157,19 @@ def train_flow_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: FlowStu
         null_ctx, null_mask = bank.null(b)
         null_pooled = pooled_text(null_ctx, null_mask)
         k = torch.randint(1, n + 1, (b,), generator=gen)
-        s, s_prev = k.float() / n, (k - 1).float() / n
+        s = k.float() / n
         noise = torch.randn(x0.shape, generator=gen)
-        sv, spv = s.view(-1, 1, 1), s_prev.view(-1, 1, 1)
-        edge = phase_edges(k, n, cfg.phases)
-        ev = edge.view(-1, 1, 1)
-        xs = (1 - sv) * x0 + sv * noise
-        f_student = xs + (ev - sv) * velocity(student, xs, s, ctx, pooled, height=size, width=size)
-        with torch.no_grad():
-            v_c, v_u = velocity(teacher_model, torch.cat([xs, xs]), torch.cat([s, s]), torch.cat([ctx, null_ctx]),
+        xs = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
+
+        def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            v_c, v_u = velocity(teacher_model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([ctx, null_ctx]),
                                 torch.cat([pooled, null_pooled]), height=size, width=size).chunk(2)
-            x_prev = xs + (spv - sv) * (v_u + cfg.guidance_scale * (v_c - v_u))  # one Euler step s -> s'
-            f_target = x_prev.clone()  # at s' = e the target is x_{s'} itself
-            inner = edge < s_prev  # links whose s' lies inside the phase: the target network maps on to e
-            if bool(inner.any()):
-                i = inner.nonzero().flatten()
-                f_target[i] = x_prev[i] + (ev[i] - spv[i]) * velocity(target, x_prev[i], s_prev[i], ctx[i], pooled[i],
-                                                                      height=size, width=size)
+            return v_u + cfg.guidance_scale * (v_c - v_u)
+
+        f_student, f_target = phased_pair(
+            xs, k, n, cfg.phases, guided=guided,
+            student=lambda x, sigma: velocity(student, x, sigma, ctx, pooled, height=size, width=size),
+            target=lambda x, sigma, rows: velocity(target, x, sigma, ctx[rows], pooled[rows], height=size, width=size))
         if cfg.loss == "mse":
             return torch.nn.functional.mse_loss(f_student, f_target)
         return pseudo_huber(f_student, f_target, huber_c, "image")
