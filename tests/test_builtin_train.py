@@ -130,12 +130,14 @@ def test_student_grid_and_target_decay_options(tmp_path):
     common = ["student", "--teacher", str(teacher / "pipeline"), "--data-root", data, "--steps", "1", *TINY]
     out = tmp_path / "student"
     assert main([*common, "--out", str(out), "--ddim-timesteps", "25", "--target-ema-decay", "0.9",
-                 "--guidance-range", "3", "3"]) == 0
+                 "--guidance-range", "3", "3", "--teacher-steps", "5"]) == 0
     config = json.loads((out / "checkpoint" / "state.json").read_text())["config"]
-    assert config["num_ddim_timesteps"] == 25 and config["target_ema_decay"] == 0.9
+    assert config["num_ddim_timesteps"] == 25 and config["target_ema_decay"] == 0.9 and config["teacher_steps"] == 5
     assert config["guidance_min"] == config["guidance_max"] == 3.0
     # a grid that does not divide the 1000 timesteps, or a decay outside [0, 1): exit 2 before training
     assert main([*common, "--out", str(tmp_path / "bad1"), "--ddim-timesteps", "30"]) == 2
     assert main([*common, "--out", str(tmp_path / "bad2"), "--target-ema-decay", "1.0"]) == 2
     assert main([*common, "--out", str(tmp_path / "bad3"), "--guidance-range", "4", "2"]) == 2
+    assert main([*common, "--out", str(tmp_path / "bad4"), "--ddim-timesteps", "25", "--teacher-steps", "26"]) == 2
+    assert main([*common, "--out", str(tmp_path / "bad5"), "--teacher-steps", "0"]) == 2
     assert not (tmp_path / "bad1" / "checkpoint").exists()

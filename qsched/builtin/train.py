@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ddim-timesteps", type=int, default=50,
                            help="distillation grid: N DDIM timesteps, one teacher step = 1000/N timesteps "
                                 "(default %(default)s; must divide 1000)")
+            p.add_argument("--teacher-steps", type=int, default=1, metavar="K",
+                           help="guided teacher DDIM steps of the grid per consistency target (default %(default)s; "
+                                "K shortens the chain from t = 999 to 0 to about N/K links)")
             p.add_argument("--huber-c", type=float, default=None,
                            help="pseudo-Huber constant of the consistency loss (default: iCT's 0.00054*sqrt(d))")
             p.add_argument("--huber-reduction", choices=("image", "element"), default="image",
@@ -133,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from qsched.builtin.train_student import StudentConfig, train_student
 
-            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction,
+            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction, teacher_steps=args.teacher_steps,
                                 num_ddim_timesteps=args.ddim_timesteps, target_ema_decay=args.target_ema_decay,
                                 guidance_min=args.guidance_range[0], guidance_max=args.guidance_range[1])
             folder = train_student(opts, teacher=args.teacher, cfg=cfg)

@@ -35,6 +35,9 @@ HUBER_REDUCTIONS = ("image", "element")
 @dataclass(frozen=True)
 class StudentConfig:
     num_ddim_timesteps: int = 50
+    #: K: the guided teacher takes K DDIM steps of the grid per target (t -> t - K*gap), so the
+    #: consistency chain from t = 999 to 0 has about num_ddim_timesteps / K links
+    teacher_steps: int = 1
     guidance_min: float = 1.5  # classifier-free guidance scale range of the teacher
     guidance_max: float = 4.5
     target_ema_decay: float = 0.95
@@ -50,6 +53,9 @@ class StudentConfig:
     def __post_init__(self) -> None:
         if self.num_ddim_timesteps < 1 or 1000 % self.num_ddim_timesteps:
             raise QSchedError(f"num_ddim_timesteps must divide the 1000 training timesteps, got {self.num_ddim_timesteps}")
+        if not 1 <= self.teacher_steps <= self.num_ddim_timesteps:
+            raise QSchedError(f"teacher_steps must be in [1, num_ddim_timesteps = {self.num_ddim_timesteps}], "
+                              f"got {self.teacher_steps}")
         if not 0.0 <= self.target_ema_decay < 1.0:
             raise QSchedError(f"target_ema_decay must be in [0, 1), got {self.target_ema_decay}")
         if not 1.0 <= self.guidance_min <= self.guidance_max:
@@ -133,7 +139,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         ctx, mask, _ = bank.sample(labels, gen)
         null_ctx, null_mask = bank.null(B)
         t = grid[torch.randint(0, len(grid), (B,), generator=gen)]
-        t_prev = (t - gap).clamp(min=0)
+        t_prev = (t - cfg.teacher_steps * gap).clamp(min=0)
         scale = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(B, generator=gen)
         w_emb = guidance_embedding(scale - 1.0)
         noise = torch.randn(x0.shape, generator=gen)
@@ -145,14 +151,22 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         c_skip, c_out = bc(t)
         f_student = c_skip * xt + c_out * x0_from_v(xt, v_s, a_t)
         with torch.no_grad():
-            v_c, v_u = teacher_unet(
-                torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([ctx, null_ctx]),
-                encoder_attention_mask=torch.cat([mask, null_mask]),
-            ).sample.chunk(2)
-            v_t = v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
-            x0_t = x0_from_v(xt, v_t, a_t)
-            eps_t = (1 - a_t).sqrt() * xt + a_t.sqrt() * v_t
-            x_prev = a_p.sqrt() * x0_t + (1 - a_p).sqrt() * eps_t  # one DDIM step t -> t-gap
+            x_prev, cur = xt, t
+            for _ in range(cfg.teacher_steps):  # guided DDIM steps of the grid, t -> t_prev (none below 0)
+                nxt = (cur - gap).clamp(min=0)
+                a_c, a_n = alphas[cur].view(-1, 1, 1, 1), alphas[nxt].view(-1, 1, 1, 1)
+                v_c, v_u = teacher_unet(
+                    torch.cat([x_prev, x_prev]), torch.cat([cur, cur]), encoder_hidden_states=torch.cat([ctx, null_ctx]),
+                    encoder_attention_mask=torch.cat([mask, null_mask]),
+                ).sample.chunk(2)
+                v_t = v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
+                x0_t = x0_from_v(x_prev, v_t, a_c)
+                eps_t = (1 - a_c).sqrt() * x_prev + a_c.sqrt() * v_t
+                moving = (cur > 0).view(-1, 1, 1, 1)
+                x_prev = torch.where(moving, a_n.sqrt() * x0_t + (1 - a_n).sqrt() * eps_t, x_prev)
+                cur = nxt
+                if not bool((cur > 0).any()):
+                    break
             v_tg = target(x_prev, t_prev, encoder_hidden_states=ctx, encoder_attention_mask=mask,
                           timestep_cond=w_emb).sample
             c_skip_p, c_out_p = bc(t_prev)
