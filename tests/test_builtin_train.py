@@ -141,3 +141,29 @@ def test_student_grid_and_target_decay_options(tmp_path):
     assert main([*common, "--out", str(tmp_path / "bad4"), "--ddim-timesteps", "25", "--teacher-steps", "26"]) == 2
     assert main([*common, "--out", str(tmp_path / "bad5"), "--teacher-steps", "0"]) == 2
     assert not (tmp_path / "bad1" / "checkpoint").exists()
+
+
+def test_ddim_steps_match_diffusers_ddim_and_stop_at_zero():
+    from diffusers import DDIMScheduler
+
+    from qsched.builtin.train_student import ddim_steps
+    from qsched.builtin.unet import SCHEDULE
+
+    gen = torch.Generator().manual_seed(0)
+    ddim = DDIMScheduler(**SCHEDULE)
+    ddim.set_timesteps(25)  # trailing grid of 40 timesteps, as the 25-link distillation grid
+    alphas = ddim.alphas_cumprod.to(torch.float32)
+    velocity = lambda x, t: 0.3 * x + (t.float() / 1000).view(-1, 1, 1, 1)  # noqa: E731  a known v field
+    x = torch.randn(3, 1, 8, 8, generator=gen)
+    t = torch.tensor([999, 519, 79])
+
+    one = ddim_steps(x, t, 1, gap=40, alphas=alphas, velocity=velocity)
+    for i in range(3):  # diffusers' DDIM step (eta 0, v-prediction), one sample at a time
+        want = ddim.step(velocity(x[i:i + 1], t[i:i + 1]), int(t[i]), x[i:i + 1], eta=0.0).prev_sample
+        assert torch.allclose(one[i:i + 1], want, atol=1e-5)
+    # K steps are K single steps; a sample that reaches t = 0 (79 -> 39 -> 0) stays there
+    two = ddim_steps(one, t - 40, 1, gap=40, alphas=alphas, velocity=velocity)
+    assert torch.allclose(ddim_steps(x, t, 2, gap=40, alphas=alphas, velocity=velocity), two)
+    three = ddim_steps(x, t, 3, gap=40, alphas=alphas, velocity=velocity)
+    assert torch.equal(three[2], two[2])
+    assert not torch.equal(three[:2], two[:2])

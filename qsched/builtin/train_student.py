@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -105,6 +106,26 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, reduction: str = "i
     return (torch.sqrt(squared + c**2) - c).mean()
 
 
+def ddim_steps(x: torch.Tensor, t: torch.Tensor, steps: int, *, gap: int, alphas: torch.Tensor,
+               velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``steps`` DDIM steps of size ``gap`` from timesteps ``t`` [B] with the v-prediction ``velocity(x, t)``.
+
+    A sample that reaches timestep 0 stays there (its later steps are computed and discarded).
+    """
+    cur = t
+    for _ in range(steps):
+        nxt = (cur - gap).clamp(min=0)
+        a_c, a_n = alphas[cur].view(-1, 1, 1, 1), alphas[nxt].view(-1, 1, 1, 1)
+        v = velocity(x, cur)
+        x0 = a_c.sqrt() * x - (1 - a_c).sqrt() * v
+        eps = (1 - a_c).sqrt() * x + a_c.sqrt() * v
+        x = torch.where((cur > 0).view(-1, 1, 1, 1), a_n.sqrt() * x0 + (1 - a_n).sqrt() * eps, x)
+        cur = nxt
+        if not bool((cur > 0).any()):
+            break
+    return x
+
+
 def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfig = StudentConfig()) -> Path:
     """Distil (or resume distilling) the student from the teacher pipeline folder; returns the exported pipeline."""
     out = tc.setup_run(opts)
@@ -151,22 +172,14 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         c_skip, c_out = bc(t)
         f_student = c_skip * xt + c_out * x0_from_v(xt, v_s, a_t)
         with torch.no_grad():
-            x_prev, cur = xt, t
-            for _ in range(cfg.teacher_steps):  # guided DDIM steps of the grid, t -> t_prev (none below 0)
-                nxt = (cur - gap).clamp(min=0)
-                a_c, a_n = alphas[cur].view(-1, 1, 1, 1), alphas[nxt].view(-1, 1, 1, 1)
+            def guided(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
                 v_c, v_u = teacher_unet(
-                    torch.cat([x_prev, x_prev]), torch.cat([cur, cur]), encoder_hidden_states=torch.cat([ctx, null_ctx]),
+                    torch.cat([x, x]), torch.cat([at, at]), encoder_hidden_states=torch.cat([ctx, null_ctx]),
                     encoder_attention_mask=torch.cat([mask, null_mask]),
                 ).sample.chunk(2)
-                v_t = v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
-                x0_t = x0_from_v(x_prev, v_t, a_c)
-                eps_t = (1 - a_c).sqrt() * x_prev + a_c.sqrt() * v_t
-                moving = (cur > 0).view(-1, 1, 1, 1)
-                x_prev = torch.where(moving, a_n.sqrt() * x0_t + (1 - a_n).sqrt() * eps_t, x_prev)
-                cur = nxt
-                if not bool((cur > 0).any()):
-                    break
+                return v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
+
+            x_prev = ddim_steps(xt, t, cfg.teacher_steps, gap=gap, alphas=alphas, velocity=guided)  # t -> t_prev
             v_tg = target(x_prev, t_prev, encoder_hidden_states=ctx, encoder_attention_mask=mask,
                           timestep_cond=w_emb).sample
             c_skip_p, c_out_p = bc(t_prev)
