@@ -157,13 +157,15 @@ def test_ddim_steps_match_diffusers_ddim_and_stop_at_zero():
     x = torch.randn(3, 1, 8, 8, generator=gen)
     t = torch.tensor([999, 519, 79])
 
-    one = ddim_steps(x, t, 1, gap=40, alphas=alphas, velocity=velocity)
+    one, t1 = ddim_steps(x, t, 1, gap=40, alphas=alphas, velocity=velocity)
+    assert t1.tolist() == [959, 479, 39]
     for i in range(3):  # diffusers' DDIM step (eta 0, v-prediction), one sample at a time
         want = ddim.step(velocity(x[i:i + 1], t[i:i + 1]), int(t[i]), x[i:i + 1], eta=0.0).prev_sample
         assert torch.allclose(one[i:i + 1], want, atol=1e-5)
     # K steps are K single steps; a sample that reaches t = 0 (79 -> 39 -> 0) stays there
-    two = ddim_steps(one, t - 40, 1, gap=40, alphas=alphas, velocity=velocity)
-    assert torch.allclose(ddim_steps(x, t, 2, gap=40, alphas=alphas, velocity=velocity), two)
-    three = ddim_steps(x, t, 3, gap=40, alphas=alphas, velocity=velocity)
-    assert torch.equal(three[2], two[2])
+    two, _ = ddim_steps(one, t1, 1, gap=40, alphas=alphas, velocity=velocity)
+    two_at_once, t2 = ddim_steps(x, t, 2, gap=40, alphas=alphas, velocity=velocity)
+    assert torch.allclose(two_at_once, two) and t2.tolist() == [919, 439, 0]
+    three, t3 = ddim_steps(x, t, 3, gap=40, alphas=alphas, velocity=velocity)
+    assert torch.equal(three[2], two[2]) and t3.tolist() == [879, 399, 0]
     assert not torch.equal(three[:2], two[:2])

@@ -136,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from qsched.builtin.train_student import StudentConfig, train_student
 
-            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction, teacher_steps=args.teacher_steps,
-                                num_ddim_timesteps=args.ddim_timesteps, target_ema_decay=args.target_ema_decay,
+            cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction,
+                                num_ddim_timesteps=args.ddim_timesteps, teacher_steps=args.teacher_steps,
+                                target_ema_decay=args.target_ema_decay,
                                 guidance_min=args.guidance_range[0], guidance_max=args.guidance_range[1])
             folder = train_student(opts, teacher=args.teacher, cfg=cfg)
     except QSchedError as exc:

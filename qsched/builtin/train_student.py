@@ -106,24 +106,29 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, reduction: str = "i
     return (torch.sqrt(squared + c**2) - c).mean()
 
 
+def x0_from_v(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The clean estimate of a v-prediction at cumulative alpha ``a``."""
+    return a.sqrt() * x - (1 - a).sqrt() * v
+
+
 def ddim_steps(x: torch.Tensor, t: torch.Tensor, steps: int, *, gap: int, alphas: torch.Tensor,
-               velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``steps`` DDIM steps of size ``gap`` from timesteps ``t`` [B] with the v-prediction ``velocity(x, t)``.
 
-    A sample that reaches timestep 0 stays there (its later steps are computed and discarded).
+    Returns the samples and their timesteps. A sample that reaches timestep 0 stays there (its
+    later steps are computed and discarded).
     """
     cur = t
     for _ in range(steps):
         nxt = (cur - gap).clamp(min=0)
         a_c, a_n = alphas[cur].view(-1, 1, 1, 1), alphas[nxt].view(-1, 1, 1, 1)
         v = velocity(x, cur)
-        x0 = a_c.sqrt() * x - (1 - a_c).sqrt() * v
         eps = (1 - a_c).sqrt() * x + a_c.sqrt() * v
-        x = torch.where((cur > 0).view(-1, 1, 1, 1), a_n.sqrt() * x0 + (1 - a_n).sqrt() * eps, x)
+        x = torch.where((cur > 0).view(-1, 1, 1, 1), a_n.sqrt() * x0_from_v(x, v, a_c) + (1 - a_n).sqrt() * eps, x)
         cur = nxt
         if not bool((cur > 0).any()):
             break
-    return x
+    return x, cur
 
 
 def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfig = StudentConfig()) -> Path:
@@ -151,21 +156,16 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float32))
         return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
-    def x0_from_v(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return a.sqrt() * x - (1 - a).sqrt() * v
-
     def loss_fn(step: int) -> torch.Tensor:
         B = opts.batch_size
         x0, labels = images.sample(B, gen)
         ctx, mask, _ = bank.sample(labels, gen)
         null_ctx, null_mask = bank.null(B)
         t = grid[torch.randint(0, len(grid), (B,), generator=gen)]
-        t_prev = (t - cfg.teacher_steps * gap).clamp(min=0)
         scale = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(B, generator=gen)
         w_emb = guidance_embedding(scale - 1.0)
         noise = torch.randn(x0.shape, generator=gen)
         a_t = alphas[t].view(-1, 1, 1, 1)
-        a_p = alphas[t_prev].view(-1, 1, 1, 1)
         xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
 
         v_s = student(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask, timestep_cond=w_emb).sample
@@ -179,7 +179,8 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
                 ).sample.chunk(2)
                 return v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
 
-            x_prev = ddim_steps(xt, t, cfg.teacher_steps, gap=gap, alphas=alphas, velocity=guided)  # t -> t_prev
+            x_prev, t_prev = ddim_steps(xt, t, cfg.teacher_steps, gap=gap, alphas=alphas, velocity=guided)
+            a_p = alphas[t_prev].view(-1, 1, 1, 1)
             v_tg = target(x_prev, t_prev, encoder_hidden_states=ctx, encoder_attention_mask=mask,
                           timestep_cond=w_emb).sample
             c_skip_p, c_out_p = bc(t_prev)
