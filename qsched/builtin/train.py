@@ -4,6 +4,7 @@
     python -m qsched.builtin.train student [--teacher DIR] [...same options]
     python -m qsched.builtin.train flow-teacher [...same options]    # rectified-flow transformer (builtin-flow)
     python -m qsched.builtin.train flow-student [--teacher DIR] [...same options]
+    python -m qsched.builtin.train trajectories [--teacher DIR] [--count N] [--out DIR]  # the student's direct targets
     python -m qsched.builtin.train ship SRC DST [--fp32]     # pipeline folder -> package assets
 
 Each stage checkpoints to ``OUT/checkpoint`` every few minutes, logs to ``OUT/train.log``
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--huber-reduction", choices=("image", "element"), default="image",
                            help="norm of the pseudo-Huber loss per image (iCT, default) or per pixel "
                            "(diffusers' LCM script; the first student's recipe, with --huber-c 0.001)")
+            p.add_argument("--consistency-weight", type=float, default=1.0,
+                           help="weight of the consistency-distillation term (default %(default)s; 0: none)")
+            p.add_argument("--trajectory-weight", type=float, default=0.0,
+                           help="weight of the direct term on stored teacher trajectories (default %(default)s; "
+                                "needs --trajectories)")
+            p.add_argument("--trajectories", default=None, metavar="DIR",
+                           help="folder written by 'python -m qsched.builtin.train trajectories'")
         if stage == "flow-teacher":
             p.add_argument("--sigma-sampling", choices=("uniform", "logit-normal"), default="uniform",
                            help="noise-level distribution of the flow-matching loss (default %(default)s)")
@@ -90,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="phased consistency (PCM): P equal phases of the 40-link grid, each distilled to "
                                 "its lower edge (1: consistency to sigma 0, the first recipe; 4: one phase per "
                                 "4-step FlowMatchEuler jump; default %(default)s, the shipped: guidance distillation)")
+    traj = sub.add_parser("trajectories", help="store the teacher's 25-step sampling trajectories "
+                          "(direct targets for the student's --trajectory-weight)")
+    traj.add_argument("--teacher", default="qsched/builtin/assets/teacher", help="teacher pipeline folder")
+    traj.add_argument("--count", type=int, default=2048, help="trajectories (default %(default)s)")
+    traj.add_argument("--steps", type=int, default=25, help="the teacher's DDIM steps (default %(default)s)")
+    traj.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default %(default)s)")
+    traj.add_argument("--shard-size", type=int, default=128, help="trajectories per file (default %(default)s)")
+    traj.add_argument("--seed", type=int, default=0)
+    traj.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    traj.add_argument("--max-templates", type=int, default=None, help=argparse.SUPPRESS)
+    traj.add_argument("--out", default="runs/builtin/trajectories",
+                      help="folder (default %(default)s); rerun the same command to complete an interrupted one")
     ship = sub.add_parser("ship", help="copy a trained pipeline folder into the package assets (fp16 weights)")
     ship.add_argument("src", help="pipeline folder, e.g. runs/builtin/student/pipeline")
     ship.add_argument("dst", help="destination, e.g. qsched/builtin/assets/student")
@@ -105,6 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.stage == "ship":
             print(tc.ship_pipeline(args.src, args.dst, fp16=not args.fp32))
+            return 0
+        if args.stage == "trajectories":
+            from qsched.builtin.trajectories import TrajectorySpec, generate
+
+            if args.threads < 1:
+                raise QSchedError(f"--threads must be positive, got {args.threads}")
+            spec = TrajectorySpec(count=args.count, steps=args.steps, guidance_scale=args.guidance_scale,
+                                  shard_size=args.shard_size, seed=args.seed, max_templates=args.max_templates)
+            print(generate(args.teacher, args.out, spec, threads=args.threads))
             return 0
         shapes = shapes_of(args.stage)
         if args.shape not in shapes:
@@ -139,8 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = StudentConfig(huber_c=args.huber_c, huber_reduction=args.huber_reduction,
                                 num_ddim_timesteps=args.ddim_timesteps, teacher_steps=args.teacher_steps,
                                 target_ema_decay=args.target_ema_decay,
-                                guidance_min=args.guidance_range[0], guidance_max=args.guidance_range[1])
-            folder = train_student(opts, teacher=args.teacher, cfg=cfg)
+                                guidance_min=args.guidance_range[0], guidance_max=args.guidance_range[1],
+                                consistency_weight=args.consistency_weight,
+                                trajectory_weight=args.trajectory_weight)
+            folder = train_student(opts, teacher=args.teacher, cfg=cfg, trajectories=args.trajectories)
     except QSchedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -75,14 +75,19 @@ def setup_run(opts: RunOptions) -> Path:
         raise QSchedError(f"--resume given but no checkpoint in {ckpt}; run without --resume to start")
     make_folder(out)
     torch.set_num_threads(opts.threads)
+    log_to(out / "train.log")
+    return out
+
+
+def log_to(path: Path) -> None:
+    """Send the training logger's records to ``path`` (appended) and stderr."""
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stderr)):
+    for handler in (logging.FileHandler(path), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.propagate = False
-    return out
 
 
 # ----------------------------------------------------------------------------- data

@@ -50,6 +50,11 @@ class StudentConfig:
     huber_reduction: str = "image"
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    #: weight of the consistency-distillation term (0: none, and no teacher calls)
+    consistency_weight: float = 1.0
+    #: weight of the trajectory term: the student's consistency function at stored states of the
+    #: teacher's own sampler against their final samples (``qsched.builtin.trajectories``)
+    trajectory_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_ddim_timesteps < 1 or 1000 % self.num_ddim_timesteps:
@@ -63,6 +68,10 @@ class StudentConfig:
             raise QSchedError(f"guidance range must satisfy 1 <= min <= max, got [{self.guidance_min}, {self.guidance_max}]")
         if self.huber_reduction not in HUBER_REDUCTIONS:
             raise QSchedError(f"huber reduction must be one of {HUBER_REDUCTIONS}, got {self.huber_reduction!r}")
+        if self.consistency_weight < 0 or self.trajectory_weight < 0 or not (self.consistency_weight
+                                                                             or self.trajectory_weight):
+            raise QSchedError("consistency and trajectory weights must be >= 0 and not both 0, got "
+                              f"{self.consistency_weight} and {self.trajectory_weight}")
 
 
 def load_teacher_unet(folder: str | Path) -> tuple[torch.nn.Module, int]:
@@ -111,6 +120,18 @@ def x0_from_v(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor
     return a.sqrt() * x - (1 - a).sqrt() * v
 
 
+def consistency_fn(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, *, scheduler, alphas: torch.Tensor,
+                   **unet_kwargs) -> torch.Tensor:
+    """The LCM consistency function c_skip(t) x + c_out(t) x0(x, t) of a v-prediction ``unet`` at timesteps ``t`` [B].
+
+    ``scheduler``: the student's ``LCMScheduler`` (its boundary scalings); the same value as its
+    ``step(...).denoised`` for the same model output.
+    """
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float32))
+    v = unet(x, t, **unet_kwargs).sample
+    return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * x0_from_v(x, v, alphas[t].view(-1, 1, 1, 1))
+
+
 def ddim_steps(x: torch.Tensor, t: torch.Tensor, steps: int, *, gap: int, alphas: torch.Tensor,
                velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``steps`` DDIM steps of size ``gap`` from timesteps ``t`` [B] with the v-prediction ``velocity(x, t)``.
@@ -131,8 +152,23 @@ def ddim_steps(x: torch.Tensor, t: torch.Tensor, steps: int, *, gap: int, alphas
     return x, cur
 
 
-def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfig = StudentConfig()) -> Path:
-    """Distil (or resume distilling) the student from the teacher pipeline folder; returns the exported pipeline."""
+def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfig = StudentConfig(),
+                  trajectories: str | Path | None = None) -> Path:
+    """Distil (or resume distilling) the student from the teacher pipeline folder; returns the exported pipeline.
+
+    ``trajectories``: a folder written by ``qsched.builtin.trajectories.generate`` (needed when
+    ``cfg.trajectory_weight`` > 0), from this teacher with the same caption templates.
+    """
+    traj = None
+    if cfg.trajectory_weight:
+        if trajectories is None:
+            raise QSchedError("a trajectory weight > 0 needs --trajectories (python -m qsched.builtin.train trajectories)")
+        from qsched.builtin.trajectories import TrajectoryBank
+
+        traj = TrajectoryBank(trajectories)
+        if traj.spec.get("max_templates") != opts.max_templates:
+            raise QSchedError(f"trajectories in {trajectories} use max_templates {traj.spec.get('max_templates')}, "
+                              f"this run {opts.max_templates}: their caption indices would not match")
     out = tc.setup_run(opts)
     torch.manual_seed(opts.seed)
     teacher_unet, patch_size = load_teacher_unet(teacher)
@@ -152,25 +188,18 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
     huber_c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(IMAGE_CHANNELS * IMAGE_SIZE**2)
     tc.logger.info("consistency loss: pseudo-Huber per %s, c = %.4g", cfg.huber_reduction, huber_c)
 
-    def bc(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float32))
-        return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        B = opts.batch_size
+    def consistency_loss(B: int) -> torch.Tensor:
         x0, labels = images.sample(B, gen)
         ctx, mask, _ = bank.sample(labels, gen)
         null_ctx, null_mask = bank.null(B)
         t = grid[torch.randint(0, len(grid), (B,), generator=gen)]
         scale = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(B, generator=gen)
-        w_emb = guidance_embedding(scale - 1.0)
+        cond = dict(encoder_hidden_states=ctx, encoder_attention_mask=mask, timestep_cond=guidance_embedding(scale - 1.0))
         noise = torch.randn(x0.shape, generator=gen)
         a_t = alphas[t].view(-1, 1, 1, 1)
         xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
 
-        v_s = student(xt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask, timestep_cond=w_emb).sample
-        c_skip, c_out = bc(t)
-        f_student = c_skip * xt + c_out * x0_from_v(xt, v_s, a_t)
+        f_student = consistency_fn(student, xt, t, scheduler=scheduler, alphas=alphas, **cond)
         with torch.no_grad():
             def guided(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
                 v_c, v_u = teacher_unet(
@@ -180,17 +209,30 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
                 return v_u + scale.view(-1, 1, 1, 1) * (v_c - v_u)
 
             x_prev, t_prev = ddim_steps(xt, t, cfg.teacher_steps, gap=gap, alphas=alphas, velocity=guided)
-            a_p = alphas[t_prev].view(-1, 1, 1, 1)
-            v_tg = target(x_prev, t_prev, encoder_hidden_states=ctx, encoder_attention_mask=mask,
-                          timestep_cond=w_emb).sample
-            c_skip_p, c_out_p = bc(t_prev)
-            f_target = c_skip_p * x_prev + c_out_p * x0_from_v(x_prev, v_tg, a_p)
+            f_target = consistency_fn(target, x_prev, t_prev, scheduler=scheduler, alphas=alphas, **cond)
         return pseudo_huber(f_student, f_target, huber_c, cfg.huber_reduction)
+
+    def trajectory_loss(B: int) -> torch.Tensor:
+        xt, t, x0, caption = traj.sample(B, gen)
+        f_student = consistency_fn(
+            student, xt, t, scheduler=scheduler, alphas=alphas, encoder_hidden_states=bank.states[caption],
+            encoder_attention_mask=bank.masks[caption],
+            timestep_cond=guidance_embedding(torch.full((B,), traj.guidance_scale - 1.0)))
+        return pseudo_huber(f_student, x0, huber_c, cfg.huber_reduction)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        terms = []
+        if cfg.consistency_weight:
+            terms.append(cfg.consistency_weight * consistency_loss(opts.batch_size))
+        if cfg.trajectory_weight:
+            terms.append(cfg.trajectory_weight * trajectory_loss(opts.batch_size))
+        return sum(terms[1:], terms[0])
 
     def export(folder: Path) -> Path:
         return tc.export_pipeline(folder, unet=target, scheduler=scheduler)
 
     tc.fit(out, opts, stage="student", model=student, shadow=("target", target), loss_fn=loss_fn,
            shadow_decay=lambda step: cfg.target_ema_decay, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-           config={**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher)}, gen=gen, export=export)
+           config={**asdict(cfg), "huber_c": huber_c, "teacher": str(teacher),
+                   "trajectories": None if traj is None else str(trajectories)}, gen=gen, export=export)
     return export(out / tc.PIPELINE_DIR)
