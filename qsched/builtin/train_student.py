@@ -7,6 +7,8 @@ trailing grid, t in {19, 39, ..., 999}); one DDIM step of the classifier-free-gu
 (guidance scale drawn uniformly) gives x at t-20; the loss is the pseudo-Huber distance
 between the student's consistency function at (x_t, t) and the EMA target's at
 (x_{t-20}, t-20), with the boundary scalings ``c_skip``/``c_out`` of ``LCMScheduler``.
+Optionally (``trajectory_weight``) a second term pulls the consistency function at stored states
+of the teacher's own sampler to their trajectories' ends (``qsched.builtin.trajectories``).
 """
 
 from __future__ import annotations
