@@ -86,6 +86,9 @@ def test_generate_resumes_by_shard_and_refuses_another_spec(teacher, tmp_path):
         TrajectoryBank(tmp_path)
     with pytest.raises(QSchedError):
         TrajectorySpec(count=0)
+    # a wrong teacher folder: exit 2, and no trajectory folder left behind
+    assert main(["trajectories", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t2")]) == 2
+    assert not (tmp_path / "t2").exists()
 
 
 def test_consistency_fn_is_lcm_schedulers_denoised():

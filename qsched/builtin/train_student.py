@@ -168,8 +168,8 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         from qsched.builtin.trajectories import TrajectoryBank
 
         traj = TrajectoryBank(trajectories)
-        if traj.spec.get("max_templates") != opts.max_templates:
-            raise QSchedError(f"trajectories in {trajectories} use max_templates {traj.spec.get('max_templates')}, "
+        if traj.spec.max_templates != opts.max_templates:
+            raise QSchedError(f"trajectories in {trajectories} use max_templates {traj.spec.max_templates}, "
                               f"this run {opts.max_templates}: their caption indices would not match")
     out = tc.setup_run(opts)
     torch.manual_seed(opts.seed)
@@ -219,7 +219,7 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         f_student = consistency_fn(
             student, xt, t, scheduler=scheduler, alphas=alphas, encoder_hidden_states=bank.states[caption],
             encoder_attention_mask=bank.masks[caption],
-            timestep_cond=guidance_embedding(torch.full((B,), traj.guidance_scale - 1.0)))
+            timestep_cond=guidance_embedding(torch.full((B,), traj.spec.guidance_scale - 1.0)))
         return pseudo_huber(f_student, x0, huber_c, cfg.huber_reduction)
 
     def loss_fn(step: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from qsched.builtin import train_common as tc
 from qsched.errors import QSchedError
+from qsched.outdir import make_folder
 
 SPEC_FILE = "spec.json"
 
@@ -86,12 +87,12 @@ def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = Trajec
         previous = json.loads(spec_path.read_text())
         if previous != record:
             raise QSchedError(f"{out} holds trajectories of another spec ({previous}); choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    unet, _ = load_teacher_unet(teacher)  # a wrong teacher path fails here, before the folder is made
+    scheduler = DDIMScheduler.from_pretrained(str(Path(teacher) / "scheduler"))
+    make_folder(out)
     spec_path.write_text(json.dumps(record, indent=1))
     tc.log_to(out / "generate.log")
-    torch.set_num_threads(threads)
-    unet, _ = load_teacher_unet(teacher)
-    scheduler = DDIMScheduler.from_pretrained(str(Path(teacher) / "scheduler"))
     bank = tc.CaptionBank(max_templates=spec.max_templates)
     from tqdm import tqdm
 
@@ -126,18 +127,18 @@ class TrajectoryBank:
         if not (folder / SPEC_FILE).is_file():
             raise QSchedError(f"no trajectories in {folder} (missing {SPEC_FILE}); write them first: "
                               "python -m qsched.builtin.train trajectories")
-        self.spec = json.loads((folder / SPEC_FILE).read_text())
+        record = json.loads((folder / SPEC_FILE).read_text())
+        self.teacher = record.pop("teacher")
+        self.spec = TrajectorySpec(**record)
         paths = sorted(folder.glob("shard-*.safetensors"))
-        expected = -(-self.spec["count"] // self.spec["shard_size"])
-        if len(paths) != expected:
-            raise QSchedError(f"{folder} holds {len(paths)} of {expected} trajectory shards; complete it with "
-                              "the same command (existing shards are kept)")
+        if len(paths) != self.spec.shards:
+            raise QSchedError(f"{folder} holds {len(paths)} of {self.spec.shards} trajectory shards; complete it "
+                              "with the same command (existing shards are kept)")
         shards = [load_file(str(p)) for p in paths]
         self.states = torch.cat([s["states"] for s in shards])
         self.x0 = torch.cat([s["x0"] for s in shards])
         self.caption = torch.cat([s["caption"] for s in shards])
         self.timesteps = shards[0]["timesteps"]
-        self.guidance_scale = float(self.spec["guidance_scale"])
 
     def __len__(self) -> int:
         return len(self.x0)
