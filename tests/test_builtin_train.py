@@ -143,6 +143,24 @@ def test_student_grid_and_target_decay_options(tmp_path):
     assert not (tmp_path / "bad1" / "checkpoint").exists()
 
 
+def test_student_defaults_are_the_shipped_students_recipe():
+    """With no recipe option, `train student` runs the recipe MODEL_CARD.md records for the shipped
+    student: 75 steps x 32, lr 2e-4, the 25-link grid, guidance drawn from U[4.5, 7.5], the shipped teacher."""
+    from pathlib import Path
+
+    from qsched.builtin.pipeline import ASSETS
+    from qsched.builtin.train import build_parser
+
+    args = build_parser().parse_args(["student"])
+    assert (args.steps, args.batch_size, args.lr, args.seed) == (75, 32, 2e-4, 0)
+    assert (args.ddim_timesteps, tuple(args.guidance_range), args.teacher_steps) == (25, (4.5, 7.5), 1)
+    assert (args.huber_c, args.huber_reduction, args.target_ema_decay) == (None, "image", 0.95)
+    assert (args.consistency_weight, args.trajectory_weight, args.trajectories) == (1.0, 0.0, None)
+    assert Path(args.teacher) == ASSETS / "teacher" and (Path(args.teacher) / "model_index.json").is_file()
+    card = (ASSETS.parent / "MODEL_CARD.md").read_text()
+    assert "--ddim-timesteps 25 --guidance-range 4.5 7.5" in card
+
+
 def test_ddim_steps_match_diffusers_ddim_and_stop_at_zero():
     from diffusers import DDIMScheduler
 

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from qsched.errors import QSchedError
 
 DEFAULTS = {
     "teacher": dict(out="runs/builtin/teacher", steps=4000, batch_size=64, lr=3e-4),
-    "student": dict(out="runs/builtin/student", steps=400, batch_size=32, lr=2e-4),  # the shipped student's
+    "student": dict(out="runs/builtin/student", steps=75, batch_size=32, lr=2e-4),  # the shipped student's
     "flow-teacher": dict(out="runs/builtin/flow-teacher", steps=1800, batch_size=64, lr=3e-4),
     "flow-student": dict(out="runs/builtin/flow-student", steps=100, batch_size=32, lr=1e-4),  # the shipped student's
 }
 FLOW_STAGES = ("flow-teacher", "flow-student")
+#: the shipped LCM teacher, from which the shipped student was distilled
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"
 
 
 def shapes_of(stage: str) -> dict[str, Any]:
@@ -62,24 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--target-ema-decay", type=float, default=0.95,
                            help="EMA decay of the consistency target, which is also what is exported (default %(default)s)")
         if stage == "student":
-            p.add_argument("--teacher", default="runs/builtin/teacher/pipeline", help="teacher pipeline folder")
-            p.add_argument("--guidance-range", type=float, nargs=2, default=(1.5, 4.5), metavar=("MIN", "MAX"),
+            from qsched.builtin.train_student import HUBER_REDUCTIONS, StudentConfig
+
+            recipe = StudentConfig()  # the shipped student's recipe
+            p.add_argument("--teacher", default=str(SHIPPED_TEACHER),
+                           help="teacher pipeline folder (default: the shipped teacher; with every other option "
+                                "at its default, the run reproduces the shipped student)")
+            p.add_argument("--guidance-range", type=float, nargs=2, default=(recipe.guidance_min, recipe.guidance_max),
+                           metavar=("MIN", "MAX"),
                            help="the teacher's CFG scale is drawn from U[MIN, MAX] per image and embedded "
                                 "(default %(default)s; MIN = MAX trains one scale)")
-            p.add_argument("--ddim-timesteps", type=int, default=50,
+            p.add_argument("--ddim-timesteps", type=int, default=recipe.num_ddim_timesteps,
                            help="distillation grid: N DDIM timesteps, one teacher step = 1000/N timesteps "
                                 "(default %(default)s; must divide 1000)")
-            p.add_argument("--teacher-steps", type=int, default=1, metavar="K",
+            p.add_argument("--teacher-steps", type=int, default=recipe.teacher_steps, metavar="K",
                            help="guided teacher DDIM steps of the grid per consistency target (default %(default)s; "
                                 "K shortens the chain from t = 999 to 0 to about N/K links)")
             p.add_argument("--huber-c", type=float, default=None,
                            help="pseudo-Huber constant of the consistency loss (default: iCT's 0.00054*sqrt(d))")
-            p.add_argument("--huber-reduction", choices=("image", "element"), default="image",
+            p.add_argument("--huber-reduction", choices=HUBER_REDUCTIONS, default=recipe.huber_reduction,
                            help="norm of the pseudo-Huber loss per image (iCT, default) or per pixel "
                            "(diffusers' LCM script; the first student's recipe, with --huber-c 0.001)")
-            p.add_argument("--consistency-weight", type=float, default=1.0,
+            p.add_argument("--consistency-weight", type=float, default=recipe.consistency_weight,
                            help="weight of the consistency-distillation term (default %(default)s; 0: none)")
-            p.add_argument("--trajectory-weight", type=float, default=0.0,
+            p.add_argument("--trajectory-weight", type=float, default=recipe.trajectory_weight,
                            help="weight of the direct term on stored teacher trajectories (default %(default)s; "
                                 "needs --trajectories)")
             p.add_argument("--trajectories", default=None, metavar="DIR",
@@ -100,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "4-step FlowMatchEuler jump; default %(default)s, the shipped: guidance distillation)")
     traj = sub.add_parser("trajectories", help="store the teacher's 25-step sampling trajectories "
                           "(direct targets for the student's --trajectory-weight)")
-    traj.add_argument("--teacher", default="qsched/builtin/assets/teacher", help="teacher pipeline folder")
+    traj.add_argument("--teacher", default=str(SHIPPED_TEACHER), help="teacher pipeline folder (default: the shipped one)")
     traj.add_argument("--count", type=int, default=2048, help="trajectories (default %(default)s)")
     traj.add_argument("--steps", type=int, default=25, help="the teacher's DDIM steps (default %(default)s)")
     traj.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default %(default)s)")
