@@ -99,6 +99,30 @@ def test_resumed_runs_equal_uninterrupted_runs(tmp_path):
     run("student", tmp_path / "student", "--teacher", str(tmp_path / "teacher" / "pipeline"))
 
 
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    """--resume continues the run the checkpoint holds: another recipe (student config), another
+    data order (batch size, seed) or another stage exits 2 and leaves the checkpoint as it was;
+    --steps, --threads and --snapshot-every may change."""
+    data = str(write_fake_dataset(tmp_path / "data", n=16))
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", "--steps", "1", "--out", str(teacher), "--data-root", data, *TINY]) == 0
+    out = tmp_path / "student"
+    common = ["student", "--teacher", str(teacher / "pipeline"), "--data-root", data, "--out", str(out), *TINY]
+    assert main([*common, "--steps", "1"]) == 0
+    state = (out / "checkpoint" / "state.safetensors").read_bytes()
+    for extra, named in ((["--ddim-timesteps", "50"], "num_ddim_timesteps: 25 -> 50"),
+                         (["--guidance-range", "1.5", "4.5"], "guidance_min: 4.5 -> 1.5"),
+                         (["--lr", "1e-4"], "lr: 0.0002 -> 0.0001"), (["--seed", "1"], "seed: 0 -> 1"),
+                         (["--batch-size", "2"], "batch_size: 4 -> 2")):
+        assert main([*common, "--steps", "2", "--resume", *extra]) == 2
+        assert named in capsys.readouterr().err
+        assert (out / "checkpoint" / "state.safetensors").read_bytes() == state
+    assert main(["teacher", "--steps", "2", "--out", str(out), "--data-root", data, *TINY, "--resume"]) == 2
+    assert "of stage 'student', not 'teacher'" in capsys.readouterr().err
+    assert main([*common, "--steps", "2", "--resume", "--threads", "2", "--snapshot-every", "1"]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
 def test_snapshots_are_the_target_weights_of_a_run_stopped_there(tmp_path):
     """--snapshot-every 2 over 5 steps exports steps 2 and 4 (not 5: that is OUT/pipeline), each equal
     to the final export of a run of that many steps."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -131,11 +132,15 @@ def test_student_with_trajectory_term(teacher, tmp_path):
     b = load_file(str(only / "checkpoint" / "state.safetensors"))
     assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))
     # refused before training (exit 2): no trajectories, both weights 0, a negative weight,
-    # trajectories written with other caption templates (their caption indices would not match)
+    # trajectories written with other caption templates (their caption indices would not match),
+    # trajectories of another teacher (a copy of the same weights elsewhere counts as another)
     assert main([*common, "--out", str(tmp_path / "bad1"), "--trajectory-weight", "1"]) == 2
     assert main([*common, "--out", str(tmp_path / "bad2"), "--consistency-weight", "0"]) == 2
     assert main([*common, "--out", str(tmp_path / "bad3"), "--trajectory-weight", "-1"]) == 2
     other = tmp_path / "traj-all-templates"
     assert main(["trajectories", "--teacher", str(pipe), "--count", "1", "--steps", "2", "--out", str(other)]) == 0
     assert main([*common, "--out", str(tmp_path / "bad4"), "--trajectory-weight", "1", "--trajectories", str(other)]) == 2
-    assert not any((tmp_path / f"bad{i}").exists() for i in range(1, 5))
+    copy = shutil.copytree(pipe, tmp_path / "teacher-copy")
+    assert main([*common[:2], str(copy), *common[3:], "--out", str(tmp_path / "bad5"), "--trajectory-weight", "1",
+                 "--trajectories", str(traj)]) == 2
+    assert not any((tmp_path / f"bad{i}").exists() for i in range(1, 6))

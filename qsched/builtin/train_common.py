@@ -248,11 +248,41 @@ def write_checkpoint(
     save_checkpoint(out, tensors, meta)
 
 
+#: run options that may change when a run is resumed; every other option and the stage's whole
+#: config must equal the checkpoint's, or the resumed run would not be the run it continues
+RESUMABLE_CHANGES = ("out", "steps", "threads", "checkpoint_minutes", "log_every", "resume", "snapshot_every")
+
+
+def check_same_run(meta: Mapping[str, Any], *, stage: str, opts: RunOptions, config: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint written by another stage, recipe or data order.
+
+    Values are compared as the checkpoint stores them (JSON); keys the checkpoint does not
+    record (written before the option existed) are not checked.
+    """
+    def as_json(d: Mapping[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(dict(d)))
+
+    if meta.get("stage", stage) != stage:
+        raise QSchedError(f"the checkpoint is of stage {meta['stage']!r}, not {stage!r}; choose another --out")
+    then = {**meta.get("options", {}), **meta.get("config", {})}
+    now = {**as_json(asdict(opts)), **as_json(config)}
+    differ = [f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(then.keys() & now.keys())
+              if k not in RESUMABLE_CHANGES and then[k] != now[k]]
+    if differ:
+        raise QSchedError("--resume with other settings than the checkpoint's (" + "; ".join(differ) + "); pass "
+                          f"the run's own options (only {', '.join(RESUMABLE_CHANGES[1:])} may change) "
+                          "or choose another --out")
+
+
 def resume_from_checkpoint(
-    out: Path, *, modules: Mapping[str, torch.nn.Module], opt: torch.optim.Optimizer, gen: torch.Generator
+    out: Path, *, modules: Mapping[str, torch.nn.Module], opt: torch.optim.Optimizer, gen: torch.Generator,
+    stage: str, opts: RunOptions, config: Mapping[str, Any],
 ) -> tuple[int, float]:
-    """Restore ``modules`` (by checkpoint prefix), the optimizer and the data RNG; returns (step, seconds)."""
+    """Restore ``modules`` (by checkpoint prefix), the optimizer and the data RNG; returns (step, seconds).
+
+    The checkpoint must be of the same run (:func:`check_same_run`)."""
     tensors, meta = load_checkpoint(out / CHECKPOINT_DIR)
+    check_same_run(meta, stage=stage, opts=opts, config=config)
     for prefix, module in modules.items():
         load_module(prefix, module, tensors)
     load_optimizer(opt, tensors, meta["param_groups"])
@@ -345,7 +375,8 @@ def fit(
     shadow_name, shadow_module = shadow
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
     modules = {"model": model, shadow_name: shadow_module}
-    start, elapsed = resume_from_checkpoint(out, modules=modules, opt=opt, gen=gen) if opts.resume else (0, 0.0)
+    start, elapsed = (resume_from_checkpoint(out, modules=modules, opt=opt, gen=gen, stage=stage, opts=opts,
+                                             config=config) if opts.resume else (0, 0.0))
 
     def step_fn(step: int) -> float:
         for group in opt.param_groups:

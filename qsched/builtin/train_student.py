@@ -172,6 +172,9 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         from qsched.builtin.trajectories import TrajectoryBank
 
         traj = TrajectoryBank(trajectories)
+        if Path(traj.teacher).resolve() != Path(teacher).resolve():
+            raise QSchedError(f"trajectories in {trajectories} are of teacher {traj.teacher}, this run distils "
+                              f"{teacher}; write them from this teacher (python -m qsched.builtin.train trajectories)")
         if traj.spec.max_templates != opts.max_templates:
             raise QSchedError(f"trajectories in {trajectories} use max_templates {traj.spec.max_templates}, "
                               f"this run {opts.max_templates}: their caption indices would not match")
