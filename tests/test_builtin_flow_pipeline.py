@@ -150,3 +150,19 @@ def test_bad_arguments(student):
         student("a bag", output_type="jpeg")
     with pytest.raises(QSchedError, match="latents must have shape"):
         student("a bag", latents=torch.zeros(1, 64, 16))
+
+
+def test_callback_on_step_end_sees_and_replaces_latents(student):
+    """As for the UNet pipeline: unpacked latents [B, 4, 16, 16] after each step; the last seen is
+    the output; returned latents replace the sample."""
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    seen = []
+    out = student("a coat", num_inference_steps=2, latents=noise, output_type="latent",
+                  callback_on_step_end=lambda p, i, t, kw: seen.append((i, kw["latents"].clone()))).images
+    assert [i for i, _ in seen] == [0, 1] and seen[0][1].shape == noise.shape
+    assert torch.equal(seen[-1][1], out)
+    halved = student("a coat", num_inference_steps=2, latents=noise, output_type="latent",
+                     callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] / 2} if i == 1 else None).images
+    torch.testing.assert_close(halved, out / 2, atol=1e-6, rtol=0)
+    with pytest.raises(QSchedError, match="must be among"):
+        student("a bag", callback_on_step_end=lambda *a: None, callback_on_step_end_tensor_inputs=["tokens"])

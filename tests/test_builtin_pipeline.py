@@ -94,3 +94,31 @@ def test_bad_arguments(student, tmp_path):
         student("a bag", output_type="jpeg")
     with pytest.raises(QSchedError, match="missing"):
         load_builtin_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_callback_on_step_end_sees_and_replaces_latents(distilled, student, teacher):
+    """diffusers' convention: callback(pipe, i, t, {"latents"}) after each step, in the scheduler's
+    timestep order; the last latents seen are the output; returned latents replace the sample."""
+    pipe = student if distilled else teacher
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def record(p, i, t, kwargs):
+        assert p is pipe and set(kwargs) == {"latents"}
+        seen.append((i, int(t), kwargs["latents"].clone()))
+
+    def run(**kw):  # the LCM scheduler draws fresh noise between steps: one generator per call
+        return pipe(["a coat", "a bag"], num_inference_steps=3, latents=noise, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kw).images
+
+    plain, out = run(), run(callback_on_step_end=record)
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(pipe.scheduler.timesteps.tolist()))
+    assert torch.equal(out, plain) and torch.equal(seen[-1][2], out)
+    assert not torch.equal(seen[0][2], seen[1][2])
+    zeroed = run(callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros_like(kw["latents"])} if i == 2 else {})
+    assert torch.equal(zeroed, torch.zeros_like(out))
+    with pytest.raises(QSchedError, match="must be among"):
+        pipe("a bag", callback_on_step_end=record, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    with pytest.raises(QSchedError, match="must be callable"):
+        pipe("a bag", callback_on_step_end="latents")

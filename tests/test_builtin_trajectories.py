@@ -26,7 +26,7 @@ def teacher(tmp_path_factory):
 
 def test_trajectory_ends_are_the_pipelines_samples(teacher):
     """Same noise and prompts: the stored trajectory's end is the teacher pipeline's output, its first
-    state the noise, and each state the DDIM step of the one before (the pipeline's own loop)."""
+    state the noise, and each state the guided DDIM step of the one before (written out here)."""
     from qsched.builtin.pipeline import QSchedBuiltinPipeline
 
     pipe = QSchedBuiltinPipeline.from_pretrained(str(teacher[0]))
@@ -35,21 +35,20 @@ def test_trajectory_ends_are_the_pipelines_samples(teacher):
     noise = torch.randn(2, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
                         generator=torch.Generator().manual_seed(3))
     want = pipe(prompts, num_inference_steps=4, guidance_scale=2.5, latents=noise, output_type="latent").images
-    ctx, mask = pipe.encode_prompt(prompts, torch.device("cpu"))
-    null_ctx, null_mask = pipe.encode_prompt(["", ""], torch.device("cpu"))
-    states, x0, timesteps = sample_trajectories(pipe.unet, pipe.scheduler, noise, ctx, mask, null_ctx, null_mask,
-                                                steps=4, guidance_scale=2.5)
+    states, x0, timesteps = sample_trajectories(pipe, noise, prompts, steps=4, guidance_scale=2.5)
     assert states.shape == (2, 4, *noise.shape[1:]) and timesteps.tolist() == [999, 749, 499, 249]
     assert torch.equal(states[:, 0], noise)
-    assert torch.allclose(x0, want, atol=1e-6)
-    # the pipeline stopped after 2 steps is the third state
+    assert torch.equal(x0, want)
+    # each stored state is one guided DDIM step (eta 0) of the state before it
+    ctx, mask = pipe.encode_prompt(prompts, torch.device("cpu"))
+    null_ctx, null_mask = pipe.encode_prompt(["", ""], torch.device("cpu"))
     pipe.scheduler.set_timesteps(4)
-    part = noise
-    for t in pipe.scheduler.timesteps[:2]:
-        v_u, v_c = pipe.unet(torch.cat([part, part]), t, encoder_hidden_states=torch.cat([null_ctx, ctx]),
+    for k, t in enumerate(pipe.scheduler.timesteps):
+        x = states[:, k]
+        v_u, v_c = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null_ctx, ctx]),
                              encoder_attention_mask=torch.cat([null_mask, mask])).sample.chunk(2)
-        part = pipe.scheduler.step(v_u + 2.5 * (v_c - v_u), t, part, eta=0.0).prev_sample
-    assert torch.allclose(states[:, 2], part, atol=1e-6)
+        step = pipe.scheduler.step(v_u + 2.5 * (v_c - v_u), t, x, eta=0.0).prev_sample
+        assert torch.allclose(step, states[:, k + 1] if k < 3 else x0, atol=1e-6), k
 
 
 def test_generate_resumes_by_shard_and_refuses_another_spec(teacher, tmp_path):
@@ -87,9 +86,14 @@ def test_generate_resumes_by_shard_and_refuses_another_spec(teacher, tmp_path):
         TrajectoryBank(tmp_path)
     with pytest.raises(QSchedError):
         TrajectorySpec(count=0)
-    # a wrong teacher folder: exit 2, and no trajectory folder left behind
+    # a wrong teacher folder, or a student's: exit 2, and no trajectory folder left behind
     assert main(["trajectories", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t2")]) == 2
     assert not (tmp_path / "t2").exists()
+    student = tmp_path / "student"
+    assert main(["student", "--teacher", str(teacher[0]), "--data-root", teacher[1], "--steps", "1", "--out",
+                 str(student), *TINY]) == 0
+    assert main(["trajectories", "--teacher", str(student / "pipeline"), "--out", str(tmp_path / "t3")]) == 2
+    assert not (tmp_path / "t3").exists()
 
 
 def test_consistency_fn_is_lcm_schedulers_denoised():

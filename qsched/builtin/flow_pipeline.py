@@ -20,7 +20,7 @@ One class serves both stages, told apart by the config entry ``distilled``:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -38,7 +38,14 @@ from qsched.builtin.flow import (
     unpack,
     velocity,
 )
-from qsched.builtin.pipeline import DEFAULT_GUIDANCE_SCALE, check_call, register_with_text, to_images
+from qsched.builtin.pipeline import (
+    DEFAULT_GUIDANCE_SCALE,
+    check_call,
+    check_callback,
+    register_with_text,
+    step_end,
+    to_images,
+)
 from qsched.builtin.text import encode_prompts
 from qsched.errors import QSchedError
 
@@ -48,6 +55,7 @@ class QSchedBuiltinFlowPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
     _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -109,6 +117,8 @@ class QSchedBuiltinFlowPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate 32x32 images (RGB, the gray channel repeated) for ``prompt``.
 
@@ -117,8 +127,11 @@ class QSchedBuiltinFlowPipeline(DiffusionPipeline):
         a list with one per image. ``latents``: initial noise [B, 4, 16, 16] (2x2-patchified
         pixels, packed into tokens here). ``output_type``: "pil", "np" ([B, 32, 32, 3] in
         [0, 1]), "pt" ([B, 3, 32, 32] in [0, 1]) or "latent" ([B, 4, 16, 16], unpacked).
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})``: called after step i with the
+        unpacked latents (diffusers' convention); a returned ``"latents"`` replaces the sample.
         """
         prompts = check_call(prompt, num_inference_steps, num_images_per_prompt, generator, output_type)
+        callback_inputs = check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         scale = self.resolve_guidance(guidance_scale)
         batch = len(prompts)
         device = self._execution_device
@@ -140,7 +153,7 @@ class QSchedBuiltinFlowPipeline(DiffusionPipeline):
         tokens = pack(latents.to(device=device, dtype=dtype))
         scale_t = self.scheduler.config.num_train_timesteps
 
-        for t in self.progress_bar(timesteps):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([tokens] * 2) if use_cfg else tokens
             sigma = t.expand(model_in.shape[0]).to(dtype) / scale_t  # FluxPipeline: timestep / 1000
             pred = velocity(self.transformer, model_in, sigma, states, pooled, height=size, width=size)
@@ -148,6 +161,8 @@ class QSchedBuiltinFlowPipeline(DiffusionPipeline):
                 uncond, cond = pred.chunk(2)
                 pred = uncond + scale * (cond - uncond)
             tokens = self.scheduler.step(pred, t, tokens, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                tokens = pack(step_end(self, callback_on_step_end, callback_inputs, i, t, unpack(tokens, size, size)))
 
         images = to_images(unpack(tokens, size, size), int(self.config.patch_size), output_type, self.image_processor)
         self.maybe_free_model_hooks()

@@ -16,6 +16,8 @@ way reloads with ``QSchedBuiltinPipeline.from_pretrained(folder)``. Any text is 
 prompts naming no Fashion-MNIST class (e.g. "a red car") still produce an image, whatever
 garment-like picture the model associates with the text; the empty prompt gives an
 unconditional sample; prompts longer than 32 tokens are truncated with a warning.
+``callback_on_step_end`` works as in diffusers: ``callback(pipe, i, t, {"latents": ...})``
+after each step; a returned ``"latents"`` replaces the sample.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -45,6 +47,7 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet"
     _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: Any, scheduler: Any, text_encoder: Any = None, tokenizer: Any = None, patch_size: int = 2):
         super().__init__()
@@ -82,6 +85,8 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate 32x32 images (RGB, the gray channel repeated) for ``prompt``.
 
@@ -89,8 +94,12 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
         noise depends only on its own generator, not on the batch size). ``latents``:
         initial noise [B, 4, 16, 16] (2x2-patchified pixels). ``output_type``: "pil",
         "np" ([B, 32, 32, 3] in [0, 1]), "pt" ([B, 3, 32, 32] in [0, 1]) or "latent".
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})``: called after step i (the
+        diffusers convention; a ``PipelineCallback`` brings its own tensor inputs); a returned
+        ``"latents"`` replaces the sample.
         """
         prompts = check_call(prompt, num_inference_steps, num_images_per_prompt, generator, output_type)
+        callback_inputs = check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         batch = len(prompts)
         device = self._execution_device
         dtype = self.unet.dtype
@@ -118,7 +127,7 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator)
 
-        for t in self.progress_bar(timesteps):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([latents] * 2) if use_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             pred = self.unet(
@@ -129,6 +138,8 @@ class QSchedBuiltinPipeline(DiffusionPipeline):
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                latents = step_end(self, callback_on_step_end, callback_inputs, i, t, latents)
 
         images = to_images(latents, int(self.config.patch_size), output_type, self.image_processor)
         self.maybe_free_model_hooks()
@@ -166,6 +177,30 @@ def check_call(
     if isinstance(generator, list) and len(generator) != len(prompts):
         raise QSchedError(f"got {len(generator)} generators for {len(prompts)} images; pass one per image")
     return prompts
+
+
+def check_callback(pipe: DiffusionPipeline, callback: Any, tensor_inputs: list[str] | None) -> list[str]:
+    """The tensor names a step-end callback receives (diffusers' rules); refuses unknown names."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if callback is not None and not callable(callback):
+        raise QSchedError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    names = list(tensor_inputs if tensor_inputs is not None else ["latents"])
+    unknown = [k for k in names if k not in pipe._callback_tensor_inputs]
+    if unknown:
+        raise QSchedError(f"callback_on_step_end_tensor_inputs must be among {pipe._callback_tensor_inputs}, "
+                          f"got {unknown}")
+    return names
+
+
+def step_end(pipe: DiffusionPipeline, callback: Callable[..., Any], names: list[str], i: int, t: Any,
+             latents: torch.Tensor) -> torch.Tensor:
+    """Call a step-end callback with the requested tensors; the latents it returns, if any."""
+    tensors = {"latents": latents}
+    out = callback(pipe, i, t, {k: tensors[k] for k in names}) or {}
+    return out.get("latents", latents)
 
 
 def to_images(latents: torch.Tensor, patch_size: int, output_type: str, processor: VaeImageProcessor) -> Any:

@@ -120,6 +120,7 @@ class CaptionBank:
         templates = cap.TRAIN_TEMPLATES[: max_templates or None]
         pairs = [(t.format(p), label) for label, ps in enumerate(cap.CLASS_PHRASES) for p in ps for t in templates]
         prompts = [p for p, _ in pairs] + [""]  # last = unconditional
+        self.prompts = prompts  #: the caption of each index
         tokenizer, encoder = load_tokenizer(), load_text_encoder()
         t0 = time.perf_counter()
         states, masks = [], []

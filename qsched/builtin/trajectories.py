@@ -6,7 +6,7 @@ targets; a stored trajectory of the teacher's own sampler gives the end directly
 state on it (Luhman & Luhman 2021 distil the same pairs; here they are an extra loss term).
 
 One trajectory: noise at t = 999 (zero terminal SNR), a random *training* caption, the
-classifier-free-guided teacher sampled by its own ``DDIMScheduler`` (trailing spacing) for
+teacher pipeline (classifier-free guidance, its own ``DDIMScheduler``, trailing spacing) for
 ``steps`` steps; kept are the state before each step (``x`` [steps, C, H, W], at
 ``timesteps``) and the final sample ``x0``. Generation writes shards of ``shard_size``
 trajectories (``shard-NNNNN.safetensors``, each from its own seed) and skips the shards that
@@ -52,34 +52,40 @@ class TrajectorySpec:
         return -(-self.count // self.shard_size)
 
 
-@torch.no_grad()
-def sample_trajectories(
-    unet: torch.nn.Module, scheduler, noise: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor,
-    null_ctx: torch.Tensor, null_mask: torch.Tensor, *, steps: int, guidance_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The guided teacher's trajectories from ``noise`` [B, C, H, W]: (states [B, steps, C, H, W], x0, timesteps).
+def load_teacher(folder: str | Path):
+    """The teacher pipeline (a built-in UNet pipeline without guidance embedding), or a QSchedError."""
+    from qsched.builtin.pipeline import QSchedBuiltinPipeline, load_builtin_pipeline
 
-    The loop is the built-in pipeline's (uncond + s * (cond - uncond), ``scheduler.step`` with
-    eta 0), so the final samples are the pipeline's for the same noise and prompt states.
+    if not Path(folder).is_dir():
+        raise QSchedError(f"no teacher pipeline in {folder}; train it first: python -m qsched.builtin.train teacher")
+    pipe = load_builtin_pipeline(folder)
+    if not isinstance(pipe, QSchedBuiltinPipeline) or pipe.is_distilled:
+        raise QSchedError(f"{folder} is not a built-in teacher (a UNet pipeline sampled with classifier-free "
+                          "guidance); pass the teacher's pipeline folder")
+    return pipe
+
+
+@torch.no_grad()
+def sample_trajectories(pipe, noise: torch.Tensor, prompts: list[str], *, steps: int, guidance_scale: float,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher pipeline's trajectories from ``noise`` [B, C, H, W]: (states [B, steps, C, H, W], x0, timesteps).
+
+    The pipeline samples (its own CFG and scheduler) and a step-end callback keeps each state:
+    ``states[:, k]`` is the sample before step k, ``x0`` the pipeline's output.
     """
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    states = []
-    for t in scheduler.timesteps:
-        states.append(x)
-        v_u, v_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null_ctx, ctx]),
-                        encoder_attention_mask=torch.cat([null_mask, mask])).sample.chunk(2)
-        x = scheduler.step(v_u + guidance_scale * (v_c - v_u), t, x, eta=0.0).prev_sample
-    return torch.stack(states, 1), x, scheduler.timesteps.clone()
+    kept = [noise * pipe.scheduler.init_noise_sigma]
+
+    def keep(_pipe, i, t, tensors):
+        kept.append(tensors["latents"])
+
+    x0 = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise,
+              output_type="latent", callback_on_step_end=keep).images
+    return torch.stack(kept[:-1], 1), x0, pipe.scheduler.timesteps.clone()
 
 
 def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = TrajectorySpec(), *,
              threads: int = 1) -> Path:
     """Write (or complete) ``spec.count`` trajectories of the teacher pipeline folder to ``out``."""
-    from diffusers import DDIMScheduler
-
-    from qsched.builtin.train_student import load_teacher_unet
-
     out = Path(out)
     spec_path = out / SPEC_FILE
     record = {**asdict(spec), "teacher": str(teacher)}
@@ -88,8 +94,7 @@ def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = Trajec
         if previous != record:
             raise QSchedError(f"{out} holds trajectories of another spec ({previous}); choose another folder")
     torch.set_num_threads(threads)
-    unet, _ = load_teacher_unet(teacher)  # a wrong teacher path fails here, before the folder is made
-    scheduler = DDIMScheduler.from_pretrained(str(Path(teacher) / "scheduler"))
+    pipe = load_teacher(teacher)  # a wrong teacher path fails here, before the folder is made
     make_folder(out)
     spec_path.write_text(json.dumps(record, indent=1))
     tc.log_to(out / "generate.log")
@@ -97,6 +102,7 @@ def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = Trajec
     from tqdm import tqdm
 
     tc.logger.info("%d trajectories of %s in %d shards -> %s", spec.count, teacher, spec.shards, out)
+    unet = pipe.unet.config
     for shard in tqdm(range(spec.shards), desc="trajectory shards", disable=None):
         path = out / f"shard-{shard:05d}.safetensors"
         if path.is_file():
@@ -104,12 +110,10 @@ def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = Trajec
         n = min(spec.shard_size, spec.count - shard * spec.shard_size)
         gen = torch.Generator().manual_seed(spec.seed * 100_003 + shard)
         labels = torch.randint(0, len(bank.by_class), (n,), generator=gen)
-        ctx, mask, caption = bank.sample(labels, gen)
-        null_ctx, null_mask = bank.null(n)
-        shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        noise = torch.randn(shape, generator=gen)
+        _, _, caption = bank.sample(labels, gen)
+        noise = torch.randn((n, unet.in_channels, unet.sample_size, unet.sample_size), generator=gen)
         t0 = time.perf_counter()
-        states, x0, timesteps = sample_trajectories(unet, scheduler, noise, ctx, mask, null_ctx, null_mask,
+        states, x0, timesteps = sample_trajectories(pipe, noise, [bank.prompts[int(i)] for i in caption],
                                                     steps=spec.steps, guidance_scale=spec.guidance_scale)
         tmp = path.with_suffix(".tmp")
         save_file({"states": states.contiguous(), "x0": x0.contiguous(), "timesteps": timesteps,
