@@ -94,6 +94,9 @@ def test_generate_resumes_by_shard_and_refuses_another_spec(teacher, tmp_path):
                  str(student), *TINY]) == 0
     assert main(["trajectories", "--teacher", str(student / "pipeline"), "--out", str(tmp_path / "t3")]) == 2
     assert not (tmp_path / "t3").exists()
+    assert main(["student", "--teacher", str(student / "pipeline"), "--data-root", teacher[1], "--steps", "1",
+                 "--out", str(tmp_path / "s2"), *TINY]) == 2  # nor can a student be distilled from a student
+    assert not (tmp_path / "s2").exists()
 
 
 def test_consistency_fn_is_lcm_schedulers_denoised():

@@ -89,6 +89,9 @@ def load_teacher_unet(folder: str | Path) -> tuple[torch.nn.Module, int]:
         raise QSchedError(f"no teacher pipeline in {folder} (missing unet weights); train it first: "
                           "python -m qsched.builtin.train teacher")
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32)
+    if unet.config.time_cond_proj_dim is not None:
+        raise QSchedError(f"{folder} holds a distilled student (its UNet embeds the guidance scale), not a "
+                          "teacher; pass the teacher's pipeline folder")
     patch_size = int(json.loads((folder / "model_index.json").read_text()).get("patch_size", 2))
     return unet.eval().requires_grad_(False), patch_size
 
@@ -178,9 +181,9 @@ def train_student(opts: tc.RunOptions, *, teacher: str | Path, cfg: StudentConfi
         if traj.spec.max_templates != opts.max_templates:
             raise QSchedError(f"trajectories in {trajectories} use max_templates {traj.spec.max_templates}, "
                               f"this run {opts.max_templates}: their caption indices would not match")
+    teacher_unet, patch_size = load_teacher_unet(teacher)  # a wrong teacher fails before the folder is made
     out = tc.setup_run(opts)
     torch.manual_seed(opts.seed)
-    teacher_unet, patch_size = load_teacher_unet(teacher)
     student = student_from_teacher(teacher_unet).train()
     target = tc.frozen_copy(student)
     gen = torch.Generator().manual_seed(opts.seed)
