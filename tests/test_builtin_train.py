@@ -115,7 +115,8 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
                          (["--lr", "1e-4"], "lr: 0.0002 -> 0.0001"), (["--seed", "1"], "seed: 0 -> 1"),
                          (["--batch-size", "2"], "batch_size: 4 -> 2")):
         assert main([*common, "--steps", "2", "--resume", *extra]) == 2
-        assert named in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert named in err and "only --steps, --threads, --checkpoint-minutes, --log-every, --snapshot-every" in err
         assert (out / "checkpoint" / "state.safetensors").read_bytes() == state
     assert main(["teacher", "--steps", "2", "--out", str(out), "--data-root", data, *TINY, "--resume"]) == 2
     assert "of stage 'student', not 'teacher'" in capsys.readouterr().err

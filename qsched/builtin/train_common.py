@@ -251,7 +251,7 @@ def write_checkpoint(
 
 #: run options that may change when a run is resumed; every other option and the stage's whole
 #: config must equal the checkpoint's, or the resumed run would not be the run it continues
-RESUMABLE_CHANGES = ("out", "steps", "threads", "checkpoint_minutes", "log_every", "resume", "snapshot_every")
+RESUMABLE_CHANGES = ("steps", "threads", "checkpoint_minutes", "log_every", "snapshot_every")
 
 
 def check_same_run(meta: Mapping[str, Any], *, stage: str, opts: RunOptions, config: Mapping[str, Any]) -> None:
@@ -268,11 +268,11 @@ def check_same_run(meta: Mapping[str, Any], *, stage: str, opts: RunOptions, con
     then = {**meta.get("options", {}), **meta.get("config", {})}
     now = {**as_json(asdict(opts)), **as_json(config)}
     differ = [f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(then.keys() & now.keys())
-              if k not in RESUMABLE_CHANGES and then[k] != now[k]]
+              if k not in (*RESUMABLE_CHANGES, "out", "resume") and then[k] != now[k]]
     if differ:
-        raise QSchedError("--resume with other settings than the checkpoint's (" + "; ".join(differ) + "); pass "
-                          f"the run's own options (only {', '.join(RESUMABLE_CHANGES[1:])} may change) "
-                          "or choose another --out")
+        may = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES)
+        raise QSchedError(f"--resume with other settings than the checkpoint's ({'; '.join(differ)}); pass the "
+                          f"run's own options (only {may} may change) or choose another --out")
 
 
 def resume_from_checkpoint(
