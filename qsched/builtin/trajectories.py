@@ -53,15 +53,17 @@ class TrajectorySpec:
 
 
 def load_teacher(folder: str | Path):
-    """The teacher pipeline (a built-in UNet pipeline without guidance embedding), or a QSchedError."""
-    from qsched.builtin.pipeline import QSchedBuiltinPipeline, load_builtin_pipeline
+    """The teacher pipeline of ``folder``; a missing teacher or a distilled student is refused
+    (``train_student.load_teacher_unet``, the same check as for distillation)."""
+    from diffusers import DDIMScheduler
 
-    if not Path(folder).is_dir():
-        raise QSchedError(f"no teacher pipeline in {folder}; train it first: python -m qsched.builtin.train teacher")
-    pipe = load_builtin_pipeline(folder)
-    if not isinstance(pipe, QSchedBuiltinPipeline) or pipe.is_distilled:
-        raise QSchedError(f"{folder} is not a built-in teacher (a UNet pipeline sampled with classifier-free "
-                          "guidance); pass the teacher's pipeline folder")
+    from qsched.builtin.pipeline import QSchedBuiltinPipeline
+    from qsched.builtin.train_student import load_teacher_unet
+
+    unet, patch_size = load_teacher_unet(folder)
+    scheduler = DDIMScheduler.from_pretrained(str(Path(folder) / "scheduler"))
+    pipe = QSchedBuiltinPipeline(unet=unet, scheduler=scheduler, patch_size=patch_size)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -102,7 +104,7 @@ def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = Trajec
     from tqdm import tqdm
 
     tc.logger.info("%d trajectories of %s in %d shards -> %s", spec.count, teacher, spec.shards, out)
-    unet = pipe.unet.config
+    config = pipe.unet.config
     for shard in tqdm(range(spec.shards), desc="trajectory shards", disable=None):
         path = out / f"shard-{shard:05d}.safetensors"
         if path.is_file():
@@ -111,7 +113,7 @@ def generate(teacher: str | Path, out: str | Path, spec: TrajectorySpec = Trajec
         gen = torch.Generator().manual_seed(spec.seed * 100_003 + shard)
         labels = torch.randint(0, len(bank.by_class), (n,), generator=gen)
         _, _, caption = bank.sample(labels, gen)
-        noise = torch.randn((n, unet.in_channels, unet.sample_size, unet.sample_size), generator=gen)
+        noise = torch.randn((n, config.in_channels, config.sample_size, config.sample_size), generator=gen)
         t0 = time.perf_counter()
         states, x0, timesteps = sample_trajectories(pipe, noise, [bank.prompts[int(i)] for i in caption],
                                                     steps=spec.steps, guidance_scale=spec.guidance_scale)
